@@ -1,0 +1,140 @@
+"""Validation and conversion of user inputs shared by every public entry point.
+
+The rules, stated once:
+
+* inputs are ``torch.Tensor`` or ``numpy.ndarray`` (numpy is converted with
+  ``torch.as_tensor``, so a float64 array stays float64);
+* kernels are computed in ``float32`` or ``float64``: integer, boolean, complex
+  and half-precision inputs are refused (convert with ``x.double()``);
+* inputs must be finite (no NaN/Inf), non-empty, and ``x1``/``x2`` must agree in
+  dtype, device and every axis but the batch axis.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+GET_NAMES: tuple[str, ...] = ("nngp", "ntk", "cov1", "cov2")
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def as_tensor(x: Any, name: str) -> Tensor:
+    """Convert ``x`` to a floating tensor, checking dtype and finiteness.
+
+    Args:
+        x: a tensor or array.
+        name: the argument's name, used in error messages.
+
+    Returns:
+        ``x`` as a ``torch.Tensor`` (no copy when it already is one).
+    """
+    if isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(f"{name}: object arrays are not supported; pass a float array.")
+        x = torch.as_tensor(x)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}.")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; kernels are computed in float32 or float64. "
+            f"Convert it first, e.g. {name}.double() (integer, bool, complex and half "
+            "precision inputs are refused rather than silently cast)."
+        )
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one example.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf; clean or impute the data first.")
+    return x
+
+
+def check_pair(x1: Any, x2: Any, min_rank: int = 2) -> tuple[Tensor, Tensor | None]:
+    """Convert and cross-check ``x1`` and ``x2`` (``x2`` may be ``None``)."""
+    x1 = as_tensor(x1, "x1")
+    if x1.ndim < min_rank:
+        raise ValueError(
+            f"x1 must have rank >= {min_rank} (batch first, e.g. (N, features)); "
+            f"got shape {tuple(x1.shape)}. Use x1.reshape(N, -1) or x1[None]."
+        )
+    if x2 is None:
+        return x1, None
+    x2 = as_tensor(x2, "x2")
+    if x2.ndim != x1.ndim or x2.shape[1:] != x1.shape[1:]:
+        raise ValueError(
+            f"x1 and x2 must agree in every axis but the batch axis: x1 has shape "
+            f"{tuple(x1.shape)}, x2 has shape {tuple(x2.shape)}."
+        )
+    if x2.dtype != x1.dtype:
+        raise TypeError(
+            f"x1 has dtype {x1.dtype} but x2 has dtype {x2.dtype}; convert both to one dtype."
+        )
+    if x2.device != x1.device:
+        raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}; move both to one device.")
+    return x1, x2
+
+
+def parse_get(get: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Validate ``get`` and return the tuple of names it asks for."""
+    if get is None:
+        return ("nngp", "ntk")
+    names = (get,) if isinstance(get, str) else tuple(get)
+    if not names:
+        raise ValueError(f"get must name at least one of {GET_NAMES}; got an empty sequence.")
+    for n in names:
+        if not isinstance(n, str) or n not in GET_NAMES:
+            raise ValueError(f"get: unknown name {n!r}; choose from {GET_NAMES}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"get names {names} contain duplicates.")
+    return names
+
+
+@functools.cache
+def kernel_tuple_type(names: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """Named tuple type ``Kernels(name0, name1, ...)`` for a tuple ``get``."""
+    return collections.namedtuple("Kernels", names)  # type: ignore[misc]
+
+
+def check_std(value: float | None, name: str, allow_none: bool = False) -> float | None:
+    """Check a standard deviation hyper-parameter is a finite number >= 0."""
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name} must be a number >= 0, got None.")
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}.")
+        if not bool(torch.isfinite(value)) or float(value) < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {float(value)}.")
+        return value  # type: ignore[return-value]  # kept as a tensor for autograd
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}.")
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}.")
+    return float(value)
+
+
+def check_int(value: int, name: str, low: int, high: int | None = None) -> int:
+    """Check an integer hyper-parameter lies in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {rng}, got {value}.")
+    return int(value)
+
+
+def make_generator(key: int | torch.Generator, device: torch.device | str | None = None):
+    """A ``torch.Generator`` from a seed or a generator (returned as is)."""
+    if isinstance(key, torch.Generator):
+        return key
+    if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+        raise TypeError(f"key must be an int seed or a torch.Generator, got {type(key).__name__}.")
+    g = torch.Generator(device=device or "cpu")
+    g.manual_seed(int(key))
+    return g
