@@ -22,6 +22,7 @@ from infnets._src.combinators import (
     parallel,
     serial,
 )
+from infnets._src.conv import Conv
 from infnets._src.dense import Dense
 from infnets._src.elementwise import (
     ABRelu,
@@ -47,10 +48,13 @@ from infnets._src.elementwise_numerical import Elementwise, ElementwiseNumerical
 from infnets._src.kernel import Kernel
 from infnets._src.layer import Layer, StaxModule
 from infnets._src.normalization import LayerNorm
+from infnets._src.pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
 
 __all__ = [
     "ABRelu",
     "Abs",
+    "AvgPool",
+    "Conv",
     "Cos",
     "Dense",
     "Elementwise",
@@ -62,8 +66,11 @@ __all__ = [
     "FanInProd",
     "FanInSum",
     "FanOut",
+    "Flatten",
     "Gaussian",
     "Gelu",
+    "GlobalAvgPool",
+    "GlobalSumPool",
     "Hermite",
     "Identity",
     "Kernel",
@@ -81,6 +88,7 @@ __all__ = [
     "Sign",
     "Sin",
     "StaxModule",
+    "SumPool",
     "parallel",
     "serial",
 ]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from infnets._src.kernel import Kernel
-from infnets._src.layer import Layer, Params, as_layer_list
+from infnets._src.layer import Layer, Params, adapt_spatial, as_layer_list
 
 __all__ = [
     "serial",
@@ -58,9 +58,29 @@ class Serial(Layer):
         return x
 
     def kernel(self, k: Any) -> Any:
-        for layer in self.layers:
-            k = layer.kernel(k)
-        return k
+        return self.kernel_planned(k, True)
+
+    def _needs(self, out_full: Any) -> list[Any]:
+        """What the output of each layer must keep, from the last layer backwards."""
+        outs = [out_full] * len(self.layers)
+        for i in range(len(self.layers) - 1, 0, -1):
+            outs[i - 1] = self.layers[i].spatial_requirement(outs[i])
+        return outs
+
+    def spatial_requirement(self, out_full: Any) -> Any:
+        for layer in reversed(self.layers):
+            out_full = layer.spatial_requirement(out_full)
+        return out_full
+
+    def kernel_planned(self, k: Any, out_full: Any) -> Any:
+        if out_full is None:  # keep every layout as it comes (forced full covariances)
+            for layer in self.layers:
+                k = layer.kernel_planned(k, None)
+            return k
+        for layer, out in zip(self.layers, self._needs(out_full)):
+            k = adapt_spatial(k, layer.spatial_requirement(out), layer)
+            k = layer.kernel_planned(k, out)
+        return adapt_spatial(k, out_full, self)
 
 
 def serial(*layers: Layer) -> Serial:
@@ -116,8 +136,26 @@ class Parallel(Layer):
         return [layer.apply(p, xi) for layer, p, xi in zip(self.layers, params, xs)]
 
     def kernel(self, k: Any) -> Any:
+        return self.kernel_planned(k, True)
+
+    def _per_branch(self, out_full: Any) -> list[Any]:
+        if isinstance(out_full, list):
+            return self._check(out_full, "requirement")
+        return [out_full] * len(self.layers)
+
+    def spatial_requirement(self, out_full: Any) -> Any:
+        outs = self._per_branch(out_full)
+        return [layer.spatial_requirement(o) for layer, o in zip(self.layers, outs)]
+
+    def kernel_planned(self, k: Any, out_full: Any) -> Any:
         ks = self._check(k, "kernel")
-        return [layer.kernel(ki) for layer, ki in zip(self.layers, ks)]
+        outs = self._per_branch(out_full)
+        res = []
+        for layer, ki, o in zip(self.layers, ks, outs):
+            if o is not None:
+                ki = adapt_spatial(ki, layer.spatial_requirement(o), layer)
+            res.append(adapt_spatial(layer.kernel_planned(ki, o), o, layer))
+        return res
 
 
 def parallel(*layers: Layer) -> Parallel:
@@ -165,6 +203,9 @@ class FanOut(Layer):
         _single(k, self, "kernel")
         return [k] * self.n
 
+    def spatial_requirement(self, out_full: Any) -> Any:
+        return _any_full(out_full)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Identity(Layer):
@@ -175,6 +216,14 @@ class Identity(Layer):
 
     def kernel(self, k: Any) -> Any:
         return k
+
+
+def _any_full(need: Any) -> Any:
+    """A branch list of requirements folded into one: full if any branch needs it."""
+    if isinstance(need, list):
+        folded = [_any_full(n) for n in need]
+        return True if any(f is True for f in folded) else (None if None in folded else False)
+    return need
 
 
 def _single(x: Any, layer: Layer, what: str) -> None:
@@ -204,11 +253,15 @@ def _same_shapes(shapes: list[tuple[int, ...]], layer: Layer) -> None:
         )
 
 
-def _join_meta(ks: list[Kernel], layer: Layer) -> None:
+def _join_meta(ks: list[Kernel], layer: Layer) -> list[Kernel]:
     if any(k.pair_index is not ks[0].pair_index and k.is_packed != ks[0].is_packed for k in ks):
         raise ValueError(f"{layer!r}: branches come from different inputs.")
     if any((k.ntk is None) != (ks[0].ntk is None) for k in ks):
         raise ValueError(f"{layer!r}: some branches track the NTK and some do not.")
+    if any(k.diagonal_spatial for k in ks) and any(k.is_full_spatial for k in ks):
+        # a branch kept only per-position covariances, so nothing after needs pixel pairs
+        ks = [k.to_diagonal_spatial() for k in ks]
+    return ks
 
 
 def _sum(ts: list[Tensor | None]) -> Tensor | None:
@@ -239,7 +292,7 @@ class FanInSum(Layer):
     def kernel(self, k: Any) -> Any:
         ks: list[Kernel] = _branches(k, self, "kernel")
         _same_shapes([kk.shape1 for kk in ks], self)
-        _join_meta(ks, self)
+        ks = _join_meta(ks, self)
         return ks[0].replace(
             nngp=_sum([kk.nngp for kk in ks]),
             ntk=_sum([kk.ntk for kk in ks]),
@@ -271,7 +324,7 @@ class FanInProd(Layer):
     def kernel(self, k: Any) -> Any:
         ks: list[Kernel] = _branches(k, self, "kernel")
         _same_shapes([kk.shape1 for kk in ks], self)
-        _join_meta(ks, self)
+        ks = _join_meta(ks, self)
         nngps = [kk.nngp for kk in ks]
         nngp = math.prod(nngps[1:], start=nngps[0])
         ntk = None
@@ -298,7 +351,9 @@ class FanInConcat(Layer):
 
     Args:
         axis: the axis to concatenate; for fully-connected inputs the feature axis
-            (``-1``). The batch axis cannot be concatenated.
+            (``-1``), for convolutional ``(N, C, *spatial)`` inputs the channel axis
+            ``1`` (``axis=1`` names the features/channels of both kinds of input).
+            The batch axis cannot be concatenated.
     """
 
     axis: int = -1
@@ -310,6 +365,14 @@ class FanInConcat(Layer):
                 f"FanInConcat(axis={self.axis}): for inputs of rank {ndim} the axis must name "
                 "the channel axis (-1 for fully-connected inputs), not the batch axis."
             )
+        if ndim > 2:
+            if axis != 1:
+                raise ValueError(
+                    f"FanInConcat(axis={self.axis}): convolutional inputs of rank {ndim} "
+                    "(N, C, *spatial) are concatenated along their channel axis; pass axis=1 "
+                    "(a spatial axis has no exact infinite-width kernel here)."
+                )
+            return axis
         if axis != ndim - 1:
             raise ValueError(
                 f"FanInConcat(axis={self.axis}): only the channel axis (-1) has an exact "
@@ -332,7 +395,7 @@ class FanInConcat(Layer):
     def kernel(self, k: Any) -> Any:
         ks: list[Kernel] = _branches(k, self, "kernel")
         axis = self._axis(len(ks[0].shape1))
-        _join_meta(ks, self)
+        ks = _join_meta(ks, self)
         widths = [kk.shape1[axis] for kk in ks]
         total = sum(widths)
 

@@ -27,6 +27,11 @@ def check_parameterization(value: str, who: str) -> str:
 class Dense(Layer):
     r"""Fully-connected layer acting on the last axis, like ``torch.nn.Linear``.
 
+    Its kernel is defined for ``(N, features)`` activations; convolutional
+    ``(N, C, *spatial)`` activations are read out first (``Flatten``,
+    ``GlobalAvgPool``), and ``Conv(out, (1,) * d)`` is the dense layer over the
+    channels of each position.
+
     With ``n`` input features, the two parameterizations are
 
     * ``'ntk'`` (Jacot et al. 2018): ``y = W_std / sqrt(n) * x W^T + b_std * b``
@@ -105,17 +110,27 @@ class Dense(Layer):
     def kernel(self, k: Any) -> Any:
         if isinstance(k, list):
             raise ValueError(f"{self!r} received {len(k)} branches; join them first.")
+        if k.is_spatial:
+            d = len(k.shape1) - 2
+            raise ValueError(
+                f"{self!r} acts on the last axis like torch.nn.Linear, but received "
+                f"convolutional activations of shape {tuple(k.shape1)} = (N, C, *spatial), whose "
+                "infinite axis is the channel axis 1. Read out with stax.Flatten() or "
+                f"stax.GlobalAvgPool() first, or use stax.Conv(out_chan, {(1,) * d}) for a "
+                "dense layer over the channels of each position."
+            )
         w2 = self.W_std**2
         b2 = 0.0 if self.b_std is None else self.b_std**2
 
         def affine(cov: Tensor) -> Tensor:
-            return cov * w2 + b2 if self.b_std is not None else cov * w2
+            out = cov * w2
+            return out.add_(b2) if self.b_std is not None else out
 
         nngp = affine(k.nngp)
         ntk = k.ntk
         if ntk is not None:
             if self.parameterization == "ntk":
-                ntk = nngp + w2 * ntk
+                ntk = (ntk * w2).add_(nngp)
             else:
                 n_in = k.width
                 ntk = n_in * k.nngp + w2 * ntk

@@ -97,6 +97,12 @@ class ElementwiseLayer(Layer):
             raise ValueError(f"{self!r} received {len(x)} branches; join them first.")
         return self.fn(x)
 
+    def maps(
+        self, c: Tensor, q1: Tensor, q2: Tensor, need_dot: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(nngp_map, dot_map if need_dot)``; subclasses fuse the two where they share work."""
+        return self.nngp_map(c, q1, q2), self.dot_map(c, q1, q2) if need_dot else None
+
     def check_variances(self, k: Kernel) -> None:
         """Hook for maps valid only on some variances (e.g. ``Gaussian`` with b > 0)."""
 
@@ -111,11 +117,24 @@ class ElementwiseLayer(Layer):
                 "before it, or use empirical.monte_carlo_kernel_fn for such architectures."
             )
         self.check_variances(k)
+        dots: list[Tensor] = []
+
+        def nngp_map(c: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
+            # the pair covariance comes first (Kernel.map_covariances); only it needs the
+            # derivative kernel, computed together with the NNGP map
+            need_dot = k.ntk is not None and c is k.nngp
+            new, dot = self.maps(c, q1, q2, need_dot)
+            if need_dot:
+                dots.append(dot)  # type: ignore[arg-type]
+            return new
 
         def ntk_map(ntk: Tensor, c: Tensor, q1: Tensor, q2: Tensor, new: Tensor) -> Tensor:
-            return ntk * self.dot_map(c, q1, q2)
+            dot = dots.pop() if dots else self.dot_map(c, q1, q2)
+            if sm.needs_grad(dot, ntk):
+                return ntk * dot
+            return dot.mul_(ntk)  # dot is a fresh temporary: reuse its memory
 
-        return k.map_covariances(self.nngp_map, ntk_map).replace(is_gaussian=False)
+        return k.map_covariances(nngp_map, ntk_map).replace(is_gaussian=False)
 
 
 # --------------------------------------------------------------------- ReLU family
@@ -142,6 +161,25 @@ class ABRelu(ElementwiseLayer):
 
     def fn(self, x: Tensor) -> Tensor:
         return torch.where(x > 0, self.b * x, self.a * x)
+
+    def maps(
+        self, c: Tensor, q1: Tensor, q2: Tensor, need_dot: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        if sm.needs_grad(c, q1, q2):
+            return super().maps(c, q1, q2, need_dot)
+        # Fused, in-place evaluation (no autograd): with t = q1 q2,
+        # sqrt(t) (sqrt(1 - rho^2) + rho asin rho) = sqrt(t - c^2) + c asin(rho), so
+        # K' = (2 d^2 / pi) sqrt(t - c^2) + c E[phi' phi'] and E[phi' phi'] = s^2 + (2 d^2/pi) asin.
+        s2, g = ((self.a + self.b) / 2) ** 2, 2 * ((self.b - self.a) / 2) ** 2 / math.pi
+        t = q1 * q2
+        root = torch.addcmul(t, c, c, value=-1).clamp_(min=0).sqrt_()
+        # c / sqrt(q q) is exactly 1 for c = q (correctly rounded sqrt of a square);
+        # rsqrt-and-multiply is not, and errors at rho ~ 1 grow like their square root
+        tiny = torch.finfo(c.dtype).tiny
+        dot = torch.div(c, t.clamp_(min=tiny).sqrt_(), out=t).clamp_(-1.0, 1.0).asin_()
+        dot = dot.mul_(g).add_(s2)
+        nngp = root.mul_(g).addcmul_(c, dot)
+        return nngp, dot if need_dot else None
 
     def nngp_map(self, c: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
         s, d = (self.a + self.b) / 2, (self.b - self.a) / 2
@@ -249,6 +287,23 @@ class Erf(ElementwiseLayer):
 
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.erf(self.b * x) + self.c
+
+    def maps(
+        self, k: Tensor, q1: Tensor, q2: Tensor, need_dot: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        if sm.needs_grad(k, q1, q2):
+            return super().maps(k, q1, q2, need_dot)
+        # Fused, in-place: r = 1 / sqrt((1 + 2b^2 q1)(1 + 2b^2 q2)), z = 2 b^2 k r;
+        # K' = (2a^2/pi) asin(z) + c^2 and E[phi' phi'] = (4 a^2 b^2 / pi) r / sqrt(1 - z^2).
+        b2 = 2 * self.b**2
+        r = torch.mul(q1 * b2 + 1, q2 * b2 + 1).rsqrt_()
+        z = (k * b2).mul_(r).clamp_(-1.0, 1.0)
+        dot = None
+        if need_dot:
+            dot = torch.addcmul(torch.ones_like(z), z, z, value=-1).rsqrt_().mul_(r)
+            dot.mul_(4 * self.a**2 * self.b**2 / math.pi)
+        nngp = z.asin_().mul_(2 * self.a**2 / math.pi).add_(self.c**2)
+        return nngp, dot
 
     def nngp_map(self, k: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
         b2 = 2 * self.b**2

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from infnets._src import inputs as _inputs
-from infnets._src.kernel import Kernel, pack_index, select
+from infnets._src.kernel import Kernel, pack_index
 
 Shape = tuple[int, ...]
 Params = Any  # nested tuples / dicts of tensors
@@ -53,6 +53,34 @@ class Layer:
         """Map the input :class:`Kernel` (or list of them) to the output one."""
         raise NotImplementedError
 
+    # ----------------------------------------------- spatial requirements
+    def spatial_requirement(self, out_full: Any) -> Any:
+        """Whether this layer needs the full pixel-pair covariance of its input.
+
+        Convolutional records keep either every pixel pair or only per-position
+        covariances (see :mod:`infnets._src.kernel`). Each layer declares what it
+        needs; ``serial``/``parallel`` combine the needs once, before computing.
+
+        Args:
+            out_full: whether the layers after this one need the full spatial
+                covariance of its output (a list with one entry per branch for
+                layers with several outputs).
+
+        Returns:
+            The same for its input (a list per input branch, or one bool for all).
+            The default suits layers acting on each position separately
+            (activations, normalisation over channels, ``Conv``): pass-through.
+        """
+        return out_full
+
+    def kernel_planned(self, k: Any, out_full: Any) -> Any:
+        """:meth:`kernel` knowing what follows needs (``None``: keep every layout as is).
+
+        Containers (``serial``, ``parallel``) override this to drop pixel pairs as
+        soon as no later layer needs them; other layers just call :meth:`kernel`.
+        """
+        return self.kernel(k)
+
     # ----------------------------------------------------------- public API
     @property
     def init_fn(self):  # type: ignore[no-untyped-def]
@@ -66,15 +94,17 @@ class Layer:
 
     @property
     def kernel_fn(self):  # type: ignore[no-untyped-def]
-        """``kernel_fn(x1, x2=None, get=None)``: the infinite-width kernels."""
+        """``kernel_fn(x1, x2=None, get=None, *, diagonal_spatial=None, memory_budget=None,
+        batch_size=None, progress=None)``: the infinite-width kernels (see
+        :func:`infnets._src.tiling.kernel_fn` for the options)."""
         return self._kernel_fn
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter((self.init_fn, self.apply_fn, self.kernel_fn))
 
-    def __call__(self, x1: Any, x2: Any = None, get: Any = None) -> Any:
+    def __call__(self, x1: Any, x2: Any = None, get: Any = None, **options: Any) -> Any:
         """Shorthand for :meth:`kernel_fn`."""
-        return self._kernel_fn(x1, x2, get)
+        return self._kernel_fn(x1, x2, get, **options)
 
     def _init_fn(
         self,
@@ -88,23 +118,16 @@ class Layer:
         gen = _inputs.make_generator(key, device)
         return self.init(gen, _as_shape(input_shape), dtype, device)
 
-    def _kernel_fn(self, x1: Any, x2: Any = None, get: Any = None) -> Any:
+    def _kernel_fn(self, x1: Any, x2: Any = None, get: Any = None, **options: Any) -> Any:
         if isinstance(x1, Kernel) or (
             isinstance(x1, list) and x1 and all(isinstance(k, Kernel) for k in x1)
         ):
-            if x2 is not None or get is not None:
+            if x2 is not None or get is not None or options:
                 raise ValueError("kernel_fn(kernel): pass a Kernel record alone, without x2/get.")
             return self.kernel(x1)
-        names = _inputs.parse_get(get)
-        x1, x2 = _inputs.check_pair(x1, x2)
-        k_in = input_kernel(x1, x2, need_ntk="ntk" in names)
-        k_out = self.kernel(k_in)
-        if not isinstance(k_out, Kernel):
-            raise ValueError(
-                f"{self!r} ends with {len(k_out)} branches; join them with a FanIn layer "
-                "(FanInSum, FanInConcat, FanInProd) before asking for a kernel."
-            )
-        return select(k_out.to_dense(), get)
+        from infnets._src import tiling  # spatial inputs, requirements, memory budget
+
+        return tiling.kernel_fn(self, x1, x2, get, **options)
 
     def to_module(
         self,
@@ -160,6 +183,10 @@ def input_kernel(x1: Tensor, x2: Tensor | None, need_ntk: bool) -> Kernel:
     n1 = x1.shape[0]
     if x2 is None:
         nngp = x1 @ x1.T / d
+        # the variances are the Gram matrix's own diagonal, bit for bit: every kernel
+        # map then sees correlation exactly 1 on diagonal pairs, where maps such as
+        # sqrt(1 - rho^2) would turn a rounding error e into an error sqrt(e)
+        cov1 = nngp.diagonal().clone()
         n2, cov2, index = n1, None, None
         if n1 >= PACK_MIN_EXAMPLES:
             index = pack_index(n1, x1.device)
@@ -257,6 +284,42 @@ class StaxModule(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.layer)
+
+
+def adapt_spatial(k: Any, need: Any, layer: Layer) -> Any:
+    """Bring a record (or a list of them) to the spatial layout ``need`` asks for.
+
+    Args:
+        k: a :class:`Kernel` or a list of them (branches).
+        need: ``True`` (full pixel-pair covariance needed), ``False`` (per-position
+            covariances suffice: full records are reduced, exactly), ``None`` (keep
+            as is), or a list with one entry per branch.
+        layer: the layer about to receive ``k`` (for error messages).
+
+    Returns:
+        The adapted record(s).
+
+    Raises:
+        ValueError: ``need`` is ``True`` but ``k`` kept only per-position covariances.
+    """
+    if need is None:
+        return k
+    if isinstance(k, list):
+        needs = need if isinstance(need, list) else [need] * len(k)
+        return [adapt_spatial(ki, ni, layer) for ki, ni in zip(k, needs)]
+    if isinstance(need, list):
+        need = any(n is True for n in need)
+    if not isinstance(k, Kernel) or not k.is_spatial:
+        return k
+    if need and k.diagonal_spatial:
+        raise ValueError(
+            f"{layer!r} needs the full spatial covariance (every pair of positions) of its "
+            "input, but only per-position covariances were kept (diagonal_spatial=True). "
+            "Call kernel_fn with diagonal_spatial=None (automatic) or False."
+        )
+    if not need and k.is_full_spatial:
+        return k.to_diagonal_spatial()
+    return k
 
 
 def as_layer_list(layers: Sequence[Any], who: str) -> list[Layer]:

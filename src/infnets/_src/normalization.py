@@ -30,8 +30,14 @@ class LayerNorm(Layer):
     i.i.d., it normalises the input kernel the same way while the finite layer
     also subtracts the feature mean.
 
+    Convolutional ``(N, C, *spatial)`` activations are normalised over their
+    channels at each position (``axis=1``; ``axis=1`` also names the features of
+    ``(N, features)`` inputs): ``K'(x_p, x'_p') = K(x_p, x'_p') / sqrt((q_p + eps)(q'_p' + eps))``
+    with the per-position variances ``q_p``, in the full and diagonal spatial layouts.
+
     Args:
-        axis: the feature axis (``-1`` for fully-connected inputs).
+        axis: the feature axis (``-1`` for fully-connected inputs, ``1`` for the
+            channels of convolutional inputs).
         eps: added to the variance, >= 0.
     """
 
@@ -43,19 +49,27 @@ class LayerNorm(Layer):
         if isinstance(self.axis, bool) or not isinstance(self.axis, int):
             raise TypeError(f"LayerNorm: axis must be an int, got {self.axis!r}.")
 
-    def _check_axis(self, ndim: int) -> None:
+    def _check_axis(self, ndim: int) -> int:
+        if ndim > 2:
+            if self.axis not in (1, -(ndim - 1)):
+                raise ValueError(
+                    f"LayerNorm(axis={self.axis}): convolutional inputs of rank {ndim} "
+                    "(N, C, *spatial) are normalised over their channels; pass axis=1."
+                )
+            return 1
         if self.axis not in (-1, ndim - 1):
             raise ValueError(
                 f"LayerNorm(axis={self.axis}): for rank-{ndim} inputs only the feature axis "
                 "(-1) is supported."
             )
+        return -1
 
     def apply(self, params: Params, x: Any) -> Any:
         if isinstance(x, list):
             raise ValueError(f"{self!r} received {len(x)} branches; join them first.")
-        self._check_axis(x.ndim)
-        mean = x.mean(dim=-1, keepdim=True)
-        var = x.var(dim=-1, unbiased=False, keepdim=True)
+        dim = self._check_axis(x.ndim)
+        mean = x.mean(dim=dim, keepdim=True)
+        var = x.var(dim=dim, unbiased=False, keepdim=True)
         return (x - mean) * torch.rsqrt(var + self.eps)
 
     def kernel(self, k: Any) -> Any:
@@ -66,6 +80,9 @@ class LayerNorm(Layer):
         scale = torch.rsqrt((var1 + self.eps) * (var2 + self.eps))
 
         def own(cov: Tensor) -> Tensor:
+            if k.is_full_spatial:  # pixel pairs of one example: its per-position variances
+                va, vb = k.own_variances(cov)
+                return cov * torch.rsqrt((va + self.eps) * (vb + self.eps))
             return cov / (cov + self.eps)
 
         return k.replace(

@@ -16,10 +16,11 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["safe_sqrt", "correlation", "arcsin", "arccos", "sqrt1m", "arccos_j1"]
+__all__ = ["needs_grad", "safe_sqrt", "correlation", "arcsin", "arccos", "sqrt1m", "arccos_j1"]
 
 
-def _needs_grad(*ts: Tensor) -> bool:
+def needs_grad(*ts: Tensor) -> bool:
+    """True when autograd is on and any tensor requires a gradient."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
 
 
@@ -68,7 +69,7 @@ class _ArccosJ1(torch.autograd.Function):
 
 def arcsin(x: Tensor) -> Tensor:
     """``arcsin(x)`` for ``x`` in ``[-1, 1]`` with a derivative clamped at ``+-1``."""
-    return _ArcSin.apply(x) if _needs_grad(x) else torch.asin(x)
+    return _ArcSin.apply(x) if needs_grad(x) else torch.asin(x)
 
 
 def arccos(x: Tensor) -> Tensor:
@@ -78,21 +79,21 @@ def arccos(x: Tensor) -> Tensor:
 
 def sqrt1m(x: Tensor) -> Tensor:
     """``sqrt(1 - x^2)`` with a derivative clamped at ``x = +-1``."""
-    if _needs_grad(x):
+    if needs_grad(x):
         return _Sqrt1m.apply(x)
     return torch.sqrt(torch.clamp(1 - x * x, min=0))
 
 
 def arccos_j1(x: Tensor) -> Tensor:
     """``sqrt(1 - x^2) + x arcsin(x)``; its gradient ``arcsin(x)`` is finite on ``[-1, 1]``."""
-    if _needs_grad(x):
+    if needs_grad(x):
         return _ArccosJ1.apply(x)
     return torch.sqrt(torch.clamp(1 - x * x, min=0)) + x * torch.asin(x)
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
     """``sqrt(max(x, 0))`` whose gradient is zero (not infinite) where ``x <= 0``."""
-    if not _needs_grad(x):
+    if not needs_grad(x):
         return torch.sqrt(torch.clamp(x, min=0))
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
@@ -105,7 +106,7 @@ def correlation(cov: Tensor, var1: Tensor, var2: Tensor) -> tuple[Tensor, Tensor
     zero scale, so every homogeneous kernel map returns exactly zero there.
     """
     scale = safe_sqrt(var1 * var2)
-    if _needs_grad(cov, scale):
+    if needs_grad(cov, scale):
         positive = scale > 0
         rho = torch.where(positive, cov / torch.where(positive, scale, torch.ones_like(scale)), 0.0)
     else:

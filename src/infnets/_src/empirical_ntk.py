@@ -1,0 +1,568 @@
+"""Three exact algorithms for the empirical NTK, a cost model to pick one, and blocking.
+
+Notation: ``N1, N2`` examples, ``O`` output units per example, ``P`` trainable scalars,
+``F`` the FLOPs of one forward pass on one example (measured once per input shape with
+``torch.utils.flop_counter``), ``w`` the output-unit pairs kept per pair of examples
+(``O`` when the logit axis is traced, ``O^2`` when it is not).
+
+* ``'jacobian_contraction'`` (JC): per-example Jacobians ``J (N, O, P)`` by ``vmap(jacrev)``,
+  then ``K = J1 J2^T``. Cost ``~ (N1 + N2) O 2F + 2 N1 N2 w P``, memory ``N O P``.
+* ``'ntk_vector_products'`` (NTVP): for each example of ``x2`` and each output unit, one
+  vector-Jacobian product gives ``J2^T e``, one Jacobian-vector product on all of ``x1`` gives
+  the NTK column ``J1 J2^T e``. Cost ``~ N2 O (2F + 2 N1 F)``, memory ``O P`` per example.
+* ``'structured'``: for layers ``y = W u + b`` (``nn.Linear``; ``nn.ConvNd`` seen as a
+  matrix product over image patches ``u_p``), ``dy_p / dW`` is a Kronecker product, so with
+  ``g_p = d f_o / d y_p`` (the output cotangent at position ``p``)
+
+      <d f_o(x1)/dW, d f_o'(x2)/dW> = sum_{p, q} (u1_p . u2_q) (g1_p . g2_q),
+      <d f_o(x1)/db, d f_o'(x2)/db> = (sum_p g1_p) . (sum_q g2_q)
+
+  (Novak, Sohl-Dickstein & Schoenholz 2022, "Fast Finite Width Neural Tangent Kernel",
+  Sec. 3-4). Only the inputs ``u`` (read with forward hooks) and the cotangents ``g`` (one
+  ``vmap(jacrev)`` w.r.t. zero perturbations added to the layer outputs: no weight
+  gradients) are formed. Per layer the cheaper of two exact contractions is used: the *Gram*
+  form above (``~ 2 N1 N2 P_pos^2 (D_in + w D_out)``) or the *materialized* per-example
+  weight Jacobian ``sum_p g_p u_p^T`` (``~ 2 N O P_pos D_in D_out + 2 N1 N2 w D_in D_out``).
+  Parameters of other layers (norms, custom modules, shared weights) fall back to JC, in the
+  same backward pass.
+
+``'auto'`` evaluates the three cost formulas for the actual shapes and picks the cheapest
+(ties go to ``'structured'``, which equals JC when a model has no structured layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import jacrev, jvp, vjp, vmap
+from torch.utils.flop_counter import FlopCounterMode
+
+from infnets._src import inputs as _inputs
+from infnets._src.empirical_axes import OutputAxes, check_axes_arg, make_axes
+from infnets._src.empirical_model import Bound, LayerRule, LayerTap, Model, wrap_model_error
+
+IMPLEMENTATIONS = ("auto", "jacobian_contraction", "ntk_vector_products", "structured")
+#: NTVP evaluates this many (example, output unit) columns at once, at most, per parameter
+NTVP_BUDGET = 2**26
+
+
+# ---------------------------------------------------------------------------------- probing
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """A structured layer as a matrix product: ``P`` positions, ``G`` groups of
+    ``(D_out, D_in)`` blocks; ``delta_shape`` is its per-example output shape."""
+
+    rule: LayerRule
+    delta_shape: tuple[int, ...]
+    dtype: torch.dtype
+    P: int
+    G: int
+    d_in: int
+    d_out: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What one forward pass on one example tells: output shape/dtype, layers, FLOPs."""
+
+    out_shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    layers: dict[str, LayerShape]
+    flops: float
+
+
+def _layer_shape(rule: LayerRule, shape: tuple[int, ...], dtype: torch.dtype) -> LayerShape:
+    m = rule.module
+    if rule.conv_dims == 0:
+        return LayerShape(
+            rule, shape, dtype, math.prod(shape[:-1]), 1, m.in_features, m.out_features
+        )
+    d = rule.conv_dims
+    batch = shape[0] if len(shape) == d + 2 else 1
+    groups = m.groups
+    return LayerShape(
+        rule,
+        shape,
+        dtype,
+        batch * math.prod(shape[-d:]),
+        groups,
+        m.in_channels // groups * math.prod(m.kernel_size),
+        m.out_channels // groups,
+    )
+
+
+def probe(
+    model: Model, bound: Bound, rules: dict[str, LayerRule], x: Tensor, flops: bool, who: str
+) -> Probe:
+    """Run the model on ``x[:1]``; find structured layers called exactly once."""
+    tap = LayerTap(rules)
+    try:
+        with torch.no_grad(), tap.probing():
+            if flops:
+                with FlopCounterMode(display=False) as counter:
+                    out = bound.call(bound.values, x[:1])
+                total = float(counter.get_total_flops())
+            else:
+                out, total = bound.call(bound.values, x[:1]), 0.0
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise wrap_model_error(who, err) from err
+    if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"{who}: the model must return one tensor with the batch axis first; on a batch of "
+            f"1 example it returned {shape}."
+        )
+    layers = {
+        name: _layer_shape(rules[name], *tap.out_shapes[name])
+        for name, count in tap.calls.items()
+        if count == 1
+    }
+    return Probe(tuple(out.shape[1:]), out.dtype, layers, total)
+
+
+# ------------------------------------------------------------------- JC / structured
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """Per-example quantities of one batch for JC/structured contraction.
+
+    Attributes:
+        jac: ``name -> (n, *S, D)`` flattened Jacobians of fallback parameters.
+        layers: ``layer -> (U (n, P, G, D_in), g (n, *S, P, G, D_out))`` inputs/cotangents.
+        n: number of examples.
+        out_size: ``prod(S)``.
+    """
+
+    jac: dict[str, Tensor]
+    layers: dict[str, tuple[Tensor, Tensor]]
+    n: int
+    out_size: int
+
+
+def _patches(ls: LayerShape, inp: Tensor) -> Tensor:
+    """Layer inputs as ``(n, P, G, D_in)`` patches (the rows multiplied by ``W``)."""
+    n = inp.shape[0]
+    m = ls.rule.module
+    if ls.rule.conv_dims == 0:
+        return inp.reshape(n, -1, 1, ls.d_in)
+    d = ls.rule.conv_dims
+    xx = inp.reshape((-1,) + tuple(inp.shape[-d - 1 :]))
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    pads = list(m._reversed_padding_repeated_twice)
+    if any(pads):
+        xx = F.pad(xx, pads, mode=mode)
+    for i in range(d):
+        span = m.dilation[i] * (m.kernel_size[i] - 1) + 1
+        xx = xx.unfold(2 + i, span, m.stride[i])
+    if any(dl > 1 for dl in m.dilation):
+        xx = xx[(Ellipsis,) + tuple(slice(None, None, dl) for dl in m.dilation)]
+    perm = (0,) + tuple(range(2, 2 + d)) + (1,) + tuple(range(2 + d, 2 + 2 * d))
+    return xx.permute(perm).reshape(n, ls.P, ls.G, ls.d_in)
+
+
+def _cotangents(ls: LayerShape, g: Tensor, out_shape: tuple[int, ...]) -> Tensor:
+    """Output cotangents ``(n, *S, *delta_shape)`` as ``(n, *S, P, G, D_out)``."""
+    n = g.shape[0]
+    if ls.rule.conv_dims:
+        d = ls.rule.conv_dims
+        c_out = ls.G * ls.d_out
+        g = g.reshape((n,) + out_shape + (-1, c_out, math.prod(ls.delta_shape[-d:])))
+        g = g.transpose(-1, -2)
+    return g.reshape((n,) + out_shape + (ls.P, ls.G, ls.d_out))
+
+
+def features(
+    bound: Bound, probe_: Probe, layers: dict[str, LayerShape], x: Tensor, who: str
+) -> Features:
+    """Fallback Jacobians and structured-layer inputs/cotangents of the batch ``x``."""
+    struct = {p for ls in layers.values() for p in ls.rule.param_names}
+    fb = {n: v for n, v in bound.values.items() if n not in struct}
+    const = {n: v for n, v in bound.values.items() if n in struct}
+    deltas = {
+        name: torch.zeros(ls.delta_shape, dtype=ls.dtype, device=x.device)
+        for name, ls in layers.items()
+    }
+    tap = LayerTap({name: ls.rule for name, ls in layers.items()})
+
+    def single(dl: dict[str, Tensor], fbv: dict[str, Tensor], xn: Tensor):  # type: ignore[no-untyped-def]
+        with tap.injecting(dl):
+            out = bound.call({**const, **fbv}, xn.unsqueeze(0))
+            seen = dict(tap.inputs)
+        return out.squeeze(0), seen
+
+    argnums = (0, 1) if deltas and fb else ((0,) if deltas else (1,))
+    try:
+        jacs, seen = vmap(jacrev(single, argnums=argnums, has_aux=True), in_dims=(None, None, 0))(
+            deltas, fb, x
+        )
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise wrap_model_error(who, err) from err
+    jd = jacs[0] if deltas else {}
+    jp = jacs[-1] if fb else {}
+    n, s = x.shape[0], probe_.out_shape
+    jac = {name: jp[name].reshape((n,) + s + (-1,)) for name in fb}
+    feats = {
+        name: (_patches(ls, seen[name]), _cotangents(ls, jd[name], s))
+        for name, ls in layers.items()
+    }
+    return Features(jac, feats, n, math.prod(s))
+
+
+def _contract_jac(j1: Tensor, j2: Tensor, ax: OutputAxes) -> Tensor:
+    return torch.einsum(f"{ax.a1}z,{ax.a2}z->{ax.out}", j1, j2)
+
+
+def _weight_jacobian(u: Tensor, g: Tensor) -> Tensor:
+    """Per-example weight Jacobian ``sum_p g_p u_p^T`` flattened: ``(n, *S, G D_out D_in)``."""
+    n, lead = g.shape[0], g.shape[:-3]
+    gg = g.reshape(n, -1, *g.shape[-3:])
+    return torch.einsum("nspgo,npgi->nsgoi", gg, u).reshape(lead + (-1,))
+
+
+def _gram(u1: Tensor, g1: Tensor, u2: Tensor, g2: Tensor, ax: OutputAxes) -> Tensor:
+    """``sum_{p,q} (u1_p . u2_q)(g1_p . g2_q)`` without forming the weight Jacobian."""
+    nm = ax.pair_letters
+    n, m = ax.a1[0], ax.a2[0]
+    if u1.shape[1] == 1 and u1.shape[2] == 1:
+        a, b = u1[:, 0, 0], u2[:, 0, 0]
+        kx = (a * b).sum(-1) if ax.batch_diag else a @ b.T
+        kg = torch.einsum(f"{ax.a1}o,{ax.a2}o->{ax.out}", g1[..., 0, 0, :], g2[..., 0, 0, :])
+        return kg * kx.reshape(kx.shape + (1,) * (kg.ndim - kx.ndim))
+    kx = torch.einsum(f"{n}pgi,{m}qgi->{nm}pqg", u1, u2)
+    kg = torch.einsum(f"{ax.a1}pgo,{ax.a2}qgo->{ax.out}pqg", g1, g2)
+    return torch.einsum(f"{ax.out}pqg,{nm}pqg->{ax.out}", kg, kx)
+
+
+def layer_costs(
+    ls: LayerShape, p1: int, p2: int, rows1: int, rows2: int, b: int, ax: OutputAxes
+) -> tuple[float, float]:
+    """``(gram, materialized)`` FLOP estimates of one structured layer's weight term.
+
+    Args:
+        ls: the layer (groups and block sizes).
+        p1, p2: positions per example on each side.
+        rows1, rows2: ``examples * output units`` on each side (``rows2 = 0`` when shared).
+        b: example pairs.
+        ax: the output axes (``work_pairs``).
+    """
+    w, pp, g = ax.work_pairs, p1 * p2, ls.G
+    gram = 2.0 * b * pp * g * (ls.d_in + w * ls.d_out) + b * w * pp * g
+    mat = 2.0 * (rows1 * p1 + rows2 * p2) * g * ls.d_in * ls.d_out
+    return gram, mat + 2.0 * b * w * g * ls.d_in * ls.d_out
+
+
+def contract(
+    f1: Features, f2: Features, ax: OutputAxes, layers: dict[str, LayerShape], same: bool
+) -> dict[str, Tensor]:
+    """Per-parameter kernel blocks between two feature sets."""
+    out = {name: _contract_jac(j1, f2.jac[name], ax) for name, j1 in f1.jac.items()}
+    for name, (u1, g1) in f1.layers.items():
+        u2, g2 = f2.layers[name]
+        ls = layers[name]
+        rule = ls.rule
+        if rule.weight is not None:
+            b = f1.n if ax.batch_diag else f1.n * f2.n
+            rows2 = 0 if same else f2.n * f2.out_size
+            gram, mat = layer_costs(ls, u1.shape[1], u2.shape[1], f1.n * f1.out_size, rows2, b, ax)
+            if gram <= mat:
+                out[rule.weight] = _gram(u1, g1, u2, g2, ax)
+            else:
+                jw1 = _weight_jacobian(u1, g1)
+                jw2 = jw1 if same else _weight_jacobian(u2, g2)
+                out[rule.weight] = _contract_jac(jw1, jw2, ax)
+        if rule.bias is not None:
+            jb1 = g1.sum(-3).flatten(-2)
+            jb2 = jb1 if same else g2.sum(-3).flatten(-2)
+            out[rule.bias] = _contract_jac(jb1, jb2, ax)
+    return out
+
+
+# ------------------------------------------------------------------------------- NTVP
+def ntvp(
+    bound: Bound,
+    x1: Tensor,
+    x2: Tensor,
+    s2: tuple[int, ...],
+    dtype: torch.dtype,
+    ax: OutputAxes,
+    per_param: bool,
+    who: str,
+) -> dict[str, Tensor]:
+    """NTK columns ``J1 (J2^T e)`` for every example of ``x2`` and unit vector ``e``."""
+    vals = bound.values
+    o2 = math.prod(s2)
+    basis = torch.eye(o2, dtype=dtype, device=x1.device).reshape((o2,) + s2)
+
+    def f1(v: dict[str, Tensor]) -> Tensor:
+        return bound.call(v, x1)
+
+    def per_example(xn: Tensor) -> dict[str, Tensor]:
+        _, pullback = vjp(lambda v: bound.call(v, xn.unsqueeze(0)).squeeze(0), vals)
+
+        def column(e: Tensor) -> dict[str, Tensor]:
+            (ct,) = pullback(e)
+            if not per_param:
+                return {"": jvp(f1, (vals,), (ct,))[1]}
+            return {
+                name: jvp(lambda w, name=name: f1({**vals, name: w}), (vals[name],), (ct[name],))[1]
+                for name in bound.names
+            }
+
+        return vmap(column)(basis)
+
+    chunk = max(1, NTVP_BUDGET // max(1, o2 * bound.n_params))
+    try:
+        cols = vmap(per_example, chunk_size=min(chunk, x2.shape[0]))(x2)
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise wrap_model_error(who, err) from err
+    n1, n2 = x1.shape[0], x2.shape[0]
+    out = {}
+    for name, c in cols.items():
+        full = c.reshape((n2,) + s2 + (n1,) + tuple(c.shape[3:]))
+        out[name] = torch.einsum(f"{ax.a2}{ax.a1}->{ax.out}", full)
+    return out
+
+
+# ---------------------------------------------------------------------------- blocking
+def _blocks(x: Tensor, chunk: int | None) -> list[Tensor]:
+    if chunk is None or x.shape[0] <= chunk:
+        return [x]
+    return list(torch.split(x, chunk))
+
+
+def blocked(
+    feat: Callable[[Tensor], Any],
+    pair: Callable[[Any, Any, bool], dict[str, Tensor]],
+    x1: Tensor,
+    x2: Tensor | None,
+    chunk: int | None,
+    ax: OutputAxes,
+) -> dict[str, Tensor]:
+    """Assemble the kernel from blocks of at most ``chunk`` examples of ``x1`` and ``x2``.
+
+    ``feat(x_block)`` computes per-block features, ``pair(f1, f2, same)`` one kernel block.
+    Symmetric problems (``x2 is None``) compute the upper block triangle and mirror it.
+    """
+    b1 = _blocks(x1, chunk)
+    b2 = b1 if x2 is None else _blocks(x2, chunk)
+    if ax.batch_diag:
+        parts = []
+        for c1, c2 in zip(b1, b2):
+            f1 = feat(c1)
+            parts.append(pair(f1, f1 if x2 is None else feat(c2), x2 is None))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    rows: list[list[dict[str, Tensor] | None]] = []
+    for i, c1 in enumerate(b1):
+        f1 = feat(c1)
+        row: list[dict[str, Tensor] | None] = []
+        for j, c2 in enumerate(b2):
+            if x2 is None and j < i:
+                row.append(None)
+            elif x2 is None and j == i:
+                row.append(pair(f1, f1, True))
+            else:
+                row.append(pair(f1, feat(c2), False))
+        rows.append(row)
+    first = rows[0][0]
+    assert first is not None
+    out = {}
+    for k in first:
+        cat_rows = []
+        for i, row in enumerate(rows):
+            parts = []
+            for j, blk in enumerate(row):
+                if blk is None:
+                    other = rows[j][i]
+                    assert other is not None
+                    parts.append(other[k].permute(ax.mirror))
+                else:
+                    parts.append(blk[k])
+            cat_rows.append(torch.cat(parts, dim=1))
+        out[k] = torch.cat(cat_rows, dim=0)
+    return out
+
+
+# ------------------------------------------------------------------------------ driver
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The implementation chosen for one call and the FLOP estimates behind the choice."""
+
+    implementation: str
+    costs: dict[str, float]
+
+
+def check_inputs(x1: Any, x2: Any, who: str) -> tuple[Tensor, Tensor | None]:
+    """Convert ``x1``/``x2``; they must agree in dtype and device (shapes may differ)."""
+    try:
+        x1 = _inputs.as_tensor(x1, "x1")
+        x2 = None if x2 is None else _inputs.as_tensor(x2, "x2")
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{who}: {err}") from None
+    if x2 is not None:
+        if x2.dtype != x1.dtype:
+            raise TypeError(f"{who}: x1 has dtype {x1.dtype} but x2 has {x2.dtype}.")
+        if x2.device != x1.device:
+            raise ValueError(f"{who}: x1 is on {x1.device} but x2 is on {x2.device}.")
+    return x1, x2
+
+
+def group_names(names: list[str], per_layer: bool | str, who: str) -> dict[str, str]:
+    """Map parameter names to contribution keys (``'module'``: drop the last dotted part)."""
+    if per_layer in (True, "module"):
+        return {n: n.rsplit(".", 1)[0] if "." in n else n for n in names}
+    if per_layer == "parameter":
+        return {n: n for n in names}
+    raise ValueError(
+        f"{who}: per_layer must be False, True, 'module' or 'parameter'; got {per_layer!r}."
+    )
+
+
+class EmpiricalNTK:
+    """The callable returned by ``empirical_ntk_fn`` (see its docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        trace_axes: Any,
+        diagonal_axes: Any,
+        implementation: str,
+        chunk_size: int | None,
+        who: str = "empirical_ntk_fn",
+    ) -> None:
+        self.who = who
+        self.model = model if isinstance(model, Model) else Model(model, who)
+        self.trace_axes = check_axes_arg(trace_axes, "trace_axes", who)
+        self.diagonal_axes = check_axes_arg(diagonal_axes, "diagonal_axes", who)
+        if set(self.trace_axes) & set(self.diagonal_axes):
+            raise ValueError(
+                f"{who}: trace_axes={self.trace_axes} and diagonal_axes="
+                f"{self.diagonal_axes} share an axis."
+            )
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"{who}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}."
+            )
+        self.implementation = implementation
+        if chunk_size is not None:
+            _inputs.check_int(chunk_size, "chunk_size", 1)
+        self.chunk_size = chunk_size
+        self._probes: dict[Any, Probe] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _probe(self, bound: Bound, x: Tensor, rules: dict[str, LayerRule]) -> Probe:
+        key = (
+            tuple(x.shape[1:]),
+            x.dtype,
+            x.device,
+            tuple((n, tuple(v.shape), v.dtype) for n, v in bound.values.items()),
+        )
+        if key not in self._probes:
+            self._probes[key] = probe(self.model, bound, rules, x, True, self.who)
+        return self._probes[key]
+
+    def _setup(self, x1: Any, x2: Any, params: Any):  # type: ignore[no-untyped-def]
+        x1, x2 = check_inputs(x1, x2, self.who)
+        self.model.check_mode()
+        bound = self.model.bind(params)
+        rules = self.model.structured_layers(bound.names)
+        p1 = self._probe(bound, x1, rules)
+        p2 = p1 if x2 is None else self._probe(bound, x2, rules)
+        n2 = x1.shape[0] if x2 is None else x2.shape[0]
+        ax = make_axes(
+            (x1.shape[0],) + p1.out_shape,
+            (n2,) + p2.out_shape,
+            self.trace_axes,
+            self.diagonal_axes,
+            self.who,
+        )
+        return x1, x2, bound, p1, p2, ax
+
+    def _costs(
+        self, bound: Bound, p1: Probe, n1: int, n2: int, ax: OutputAxes, same: bool
+    ) -> dict[str, float]:
+        o = math.prod(p1.out_shape)
+        f = max(p1.flops, 1.0)
+        rows = n1 * o if same else (n1 + n2) * o
+        b = n1 if ax.batch_diag else n1 * n2
+        p = bound.n_params
+        jc = rows * 2 * f + 2 * b * ax.work_pairs * p
+        ntvp_cost = n2 * o * (2 * f + 2 * n1 * f)
+        # structured: input cotangents everywhere (~F per row), weight gradients only for the
+        # fallback layers (~F minus the structured layers' FLOPs), then each layer's rule.
+        struct_params, struct_flops, struct = 0, 0.0, 0.0
+        for ls in p1.layers.values():
+            struct_params += sum(bound.values[n].numel() for n in ls.rule.param_names)
+            struct_flops += 2.0 * ls.P * ls.G * ls.d_in * ls.d_out
+            struct += min(layer_costs(ls, ls.P, ls.P, n1 * o, 0 if same else n2 * o, b, ax))
+        struct += rows * (2 * f - min(struct_flops, f)) + 2 * b * ax.work_pairs * (
+            p - struct_params
+        )
+        return {"structured": struct, "jacobian_contraction": jc, "ntk_vector_products": ntvp_cost}
+
+    # ------------------------------------------------------------------ API
+    def plan(self, x1: Any, x2: Any = None, params: Any = None) -> Plan:
+        """The implementation ``__call__`` would use for these inputs, with FLOP estimates."""
+        x1, x2, bound, p1, p2, ax = self._setup(x1, x2, params)
+        return self._plan(bound, p1, x1, x2, ax)
+
+    def _plan(self, bound: Bound, p1: Probe, x1: Tensor, x2: Tensor | None, ax: OutputAxes) -> Plan:
+        n1 = x1.shape[0]
+        n2 = n1 if x2 is None else x2.shape[0]
+        costs = self._costs(bound, p1, n1, n2, ax, x2 is None)
+        impl = self.implementation
+        if impl == "auto":
+            order = ("structured", "jacobian_contraction", "ntk_vector_products")
+            impl = min(order, key=lambda k: (costs[k], order.index(k)))
+        return Plan(impl, costs)
+
+    def __call__(
+        self, x1: Any, x2: Any = None, params: Any = None, per_layer: bool | str = False
+    ) -> Tensor | dict[str, Tensor]:
+        x1, x2, bound, p1, p2, ax = self._setup(x1, x2, params)
+        impl = self._plan(bound, p1, x1, x2, ax).implementation
+        with torch.no_grad():
+            if impl == "ntk_vector_products":
+                per_param = per_layer is not False
+                parts = blocked(
+                    lambda x: x,
+                    lambda a, b, same: ntvp(
+                        bound, a, b, p2.out_shape, p2.out_dtype, ax, per_param, self.who
+                    ),
+                    x1,
+                    x2,
+                    self.chunk_size,
+                    ax,
+                )
+            else:
+                names = set(p1.layers) & set(p2.layers) if impl == "structured" else set()
+
+                def feat(x: Tensor) -> Features:
+                    pr = p1 if x.shape[1:] == x1.shape[1:] else p2
+                    return features(bound, pr, {k: pr.layers[k] for k in names}, x, self.who)
+
+                layers = {k: p1.layers[k] for k in names}
+                parts = blocked(
+                    feat,
+                    lambda a, b, same: contract(a, b, ax, layers, same),
+                    x1,
+                    x2,
+                    self.chunk_size,
+                    ax,
+                )
+        scale = 1.0 / ax.trace_size
+        if per_layer is False:
+            total = sum(parts.values())
+            assert isinstance(total, Tensor)
+            return total * scale if ax.trace_size != 1 else total
+        groups = group_names(list(bound.names), per_layer, self.who)
+        out: dict[str, Tensor] = {}
+        for name in bound.names:
+            value = parts[name] * scale
+            key = groups[name]
+            out[key] = out[key] + value if key in out else value
+        return out
