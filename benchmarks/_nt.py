@@ -20,7 +20,15 @@ Honesty rules built into the snippets:
 
 TensorFlow is never installed: NT 0.6.5 imports it only from ``neural_tangents.experimental``
 (``empirical_tf``), and the subprocess preamble registers an empty module under that name in
-``sys.modules`` before ``import neural_tangents``.
+``sys.modules`` before ``import neural_tangents``. The preamble also re-exports two names that
+jax 0.4.30 dropped from ``jax.interpreters.ad`` (``source_info_util``, ``config``) and that NT
+0.6.5's STRUCTURED_DERIVATIVES empirical NTK still reads; without them it raises
+AttributeError. Aliases only: the shimmed eNTK matches an explicit Jacobian contraction to 1e-15.
+
+Caveat: XLA:CPU float64 convolutions are ~20x slower than float32 (a 64x32x32x64 3x3 conv:
+8.5 s in float64 vs 0.4 s in float32; torch float64 conv2d: 0.6 s), so NT's float64 CNN eNTK is
+very slow on CPU. That is NT's real float64 cost; ``dtype="float32"`` exists to also report a
+float32 NT number, which must be labelled as such.
 
 API (all run in the caller's interpreter, the NT work happens in the subprocess)::
 
@@ -28,13 +36,15 @@ API (all run in the caller's interpreter, the NT work happens in the subprocess)
     run_nt(code, timeout=1800.0, *, env=None, python=None) -> dict
     make_inputs(shape, seed=0) -> np.ndarray                                  # float64
     fc_arch(act="relu", depth=5, width=512, W_std=1.4, b_std=0.1, out_dim=1) -> str
+    mlp_arch(width=2048, depth=3, out_dim=10, W_std=1.4, b_std=0.1) -> str
+    cnn_arch(channels=64, depth=4, out_dim=10, W_std=1.4, b_std=0.1, filter_shape=(3, 3)) -> str
     nt_kernel_timing(arch_code, x_shape, get=("nngp", "ntk"), repeats=3, *, seed=0,
                      save_path=None, timeout=1800.0) -> dict
     nt_fc_kernel_timing(act="relu", depth=5, width=512, W_std=1.4, b_std=0.1, n=4000, d=64,
                         get=("nngp", "ntk"), repeats=3, *, seed=0, save_path=None) -> dict
     nt_empirical_ntk_timing(arch_code, x_shape, repeats=3, *, trace_axes=(-1,), vmap_axes=0,
                             implementation="STRUCTURED_DERIVATIVES", seed=0, param_seed=0,
-                            save_path=None, timeout=1800.0) -> dict
+                            dtype="float64", save_path=None, timeout=1800.0) -> dict
     nt_empirical_ntk_mlp_timing(n=64, d=128, width=2048, depth=3, out_dim=10, repeats=3, **kw)
     nt_empirical_ntk_cnn_timing(n=64, hw=32, c_in=3, channels=64, depth=4, out_dim=10,
                                 repeats=3, **kw)
@@ -74,10 +84,12 @@ _RESULT_TAG = "@@NT_RESULT@@ "
 _SUPPORTED_PY = ((3, 9), (3, 10), (3, 11), (3, 12))
 
 # Executed in the NT subprocess before the user snippet.
-_PREAMBLE = '''\
+_PREAMBLE = (
+    '''\
 import os, sys, types, time, json, resource
 import importlib.metadata as _md
-assert os.environ.get("JAX_ENABLE_X64") == "1" and os.environ.get("JAX_PLATFORMS") == "cpu"
+assert os.environ.get("JAX_PLATFORMS") == "cpu"
+X64 = os.environ.get("JAX_ENABLE_X64") == "1"  # run_nt sets 1 unless env= overrides it
 _t_import0 = time.perf_counter()
 # NT 0.6.5 imports TensorFlow / tf2jax only via `neural_tangents.experimental`; stub it out.
 sys.modules.setdefault(
@@ -97,7 +109,7 @@ if not hasattr(_pub_ad, "source_info_util"):
     _pub_ad.source_info_util = _source_info_util
 if not hasattr(_pub_ad, "config"):
     _pub_ad.config = jax.config
-assert jax.config.jax_enable_x64, "float64 not enabled"
+assert bool(jax.config.jax_enable_x64) == X64, "jax_enable_x64 does not match JAX_ENABLE_X64"
 IMPORT_S = time.perf_counter() - _t_import0
 RSS_AFTER_IMPORT_MB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -116,7 +128,9 @@ def emit(result):
     result.setdefault("versions", {"neural_tangents": nt.__version__, "jax": jax.__version__,
                                    "jaxlib": _md.version("jaxlib"), "numpy": np.__version__})
     result.setdefault("devices", [str(d) for d in jax.devices()])
-    sys.stdout.write("''' + _RESULT_TAG + '''" + json.dumps(result) + "\\n")
+    sys.stdout.write("'''
+    + _RESULT_TAG
+    + '''" + json.dumps(result) + "\\n")
     sys.stdout.flush()
 
 
@@ -132,6 +146,7 @@ def time_calls(fn, repeats):
         times.append(time.perf_counter() - t0)
     return out, first, times
 '''
+)
 
 
 class NTError(RuntimeError):
@@ -248,8 +263,13 @@ def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
         if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
         and not k.startswith("JAX_")
     }
-    env.update(JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu", PYTHONNOUSERSITE="1",
-               PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(
+        JAX_ENABLE_X64="1",
+        JAX_PLATFORMS="cpu",
+        PYTHONNOUSERSITE="1",
+        PYTHONUNBUFFERED="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
     if extra:
         env.update(extra)
     return env
@@ -310,9 +330,7 @@ def run_nt(
                     os.killpg(proc.pid, signal.SIGKILL)
                     os.wait4(proc.pid, 0)
                     proc.returncode = -9
-                    raise NTError(
-                        f"NT snippet timed out after {timeout}s\n{_tail(err_path)}"
-                    )
+                    raise NTError(f"NT snippet timed out after {timeout}s\n{_tail(err_path)}")
                 time.sleep(0.02)
             wall = time.perf_counter() - t0
             proc.returncode = os.waitstatus_to_exitcode(status)
@@ -344,7 +362,7 @@ def _parse_result(stdout: str) -> dict[str, Any] | None:
     lines = stdout.splitlines()
     for line in reversed(lines):
         if line.startswith(_RESULT_TAG):
-            return json.loads(line[len(_RESULT_TAG):])
+            return json.loads(line[len(_RESULT_TAG) :])
     for line in reversed(lines):
         line = line.strip()
         if line.startswith("{"):
@@ -515,6 +533,7 @@ def nt_empirical_ntk_timing(
     implementation: str = "STRUCTURED_DERIVATIVES",
     seed: int = 0,
     param_seed: int = 0,
+    dtype: str = "float64",
     save_path: str | os.PathLike[str] | None = None,
     timeout: float = 1800.0,
 ) -> dict[str, Any]:
@@ -523,7 +542,14 @@ def nt_empirical_ntk_timing(
     The network is NT stax code (``init_fn``/``apply_fn``), initialized with
     ``init_fn(jax.random.PRNGKey(param_seed), x_shape)`` (float64 parameters); the result is
     the (N, N) empirical NTK traced over the logits (``trace_axes=(-1,)``, NT's default; pass
-    ``trace_axes=()`` for the full (N, N, K, K) kernel).
+    ``trace_axes=()`` for the full (N, N, K, K) kernel). NT *normalizes* the trace: with
+    ``trace_axes=(-1,)`` the result is ``J(x1) J(x2)^T / K`` summed over the K logits, i.e. the
+    mean over logits (checked against an explicit ``jax.jacobian`` contraction to 1e-15).
+
+    ``dtype="float32"`` casts parameters and inputs to float32 (the result's ``dtype`` says so).
+    It exists because XLA:CPU float64 convolutions are ~20x slower than float32 ones (and ~12x
+    slower than torch's float64 conv2d), which makes NT's float64 CNN eNTK take very long; label
+    any float32 number as such when comparing with float64 infnets results.
 
     Returns:
         dict with ``first_s``, ``steady_s``, ``steady_times``, ``maxrss_mb``, ``n_params``,
@@ -535,15 +561,17 @@ def nt_empirical_ntk_timing(
     SAVE = {None if save_path is None else os.fspath(save_path)!r}
     init_fn, apply_fn, _ = eval(ARCH)
     _, params = init_fn(jax.random.PRNGKey({int(param_seed)}), X_SHAPE)
+    DT = jnp.dtype({dtype!r})
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, DT), params)
     params = jax.block_until_ready(params)
     p_leaves = jax.tree_util.tree_leaves(params)
-    assert all(p.dtype == jnp.float64 for p in p_leaves), {{p.dtype for p in p_leaves}}
-    x = jax.block_until_ready(jnp.asarray(make_inputs(X_SHAPE, {int(seed)})))
+    assert all(p.dtype == DT for p in p_leaves), {{p.dtype for p in p_leaves}}
+    x = jax.block_until_ready(jnp.asarray(make_inputs(X_SHAPE, {int(seed)}), DT))
     impl = nt.NtkImplementation.{implementation}
     ntk_fn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes={tuple(trace_axes)!r},
                                          vmap_axes={vmap_axes!r}, implementation=impl))
     out, first, times = time_calls(lambda: ntk_fn(x, None, params), {int(repeats)})
-    assert out.dtype == jnp.float64, out.dtype
+    assert out.dtype == DT, out.dtype
     if SAVE:
         np.savez(SAVE, x=np.asarray(x), ntk=np.asarray(out),
                  **{{f"param_{{i}}": np.asarray(p) for i, p in enumerate(p_leaves)}})
@@ -552,7 +580,18 @@ def nt_empirical_ntk_timing(
               implementation=str(impl), trace_axes={list(trace_axes)!r},
               finite=bool(np.isfinite(np.asarray(out)).all())))
     """
-    return _summarize(run_nt(code, timeout=timeout))
+    # float32 runs with x64 off, so that nothing inside NT promotes to float64.
+    env = {"JAX_ENABLE_X64": "0"} if jnp_dtype_is_32(dtype) else None
+    return _summarize(run_nt(code, timeout=timeout, env=env))
+
+
+def jnp_dtype_is_32(dtype: str) -> bool:
+    """Whether ``dtype`` is a 32-bit float dtype name."""
+    if np.dtype(dtype) == np.float32:
+        return True
+    if np.dtype(dtype) != np.float64:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return False
 
 
 def nt_empirical_ntk_mlp_timing(
@@ -585,21 +624,44 @@ def nt_empirical_ntk_cnn_timing(
 
 
 def _fmt(name: str, r: dict[str, Any]) -> str:
+    steady = "     n/a" if r.get("steady_s") is None else f"{r['steady_s']:8.3f}"
     return (
-        f"{name:<34} first {r['first_s']:8.3f}s  steady {r['steady_s']:8.3f}s  "
+        f"{name:<40} first {r['first_s']:8.3f}s  steady {steady}s  "
         f"peak RSS {r['maxrss_mb']:7.0f} MB (after import {r['rss_after_import_mb']:.0f} MB)"
     )
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    """Build the venv and print the reference NT timings (``--cnn-f64``: also the slow one)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--cnn-f64",
+        action="store_true",
+        help="also time the float64 CNN eNTK at N=64 (XLA:CPU float64 conv: tens of minutes)",
+    )
+    args = parser.parse_args(argv)
     t0 = time.perf_counter()
     py = ensure_nt_venv(quiet=False)
-    print(f"[_nt] venv python: {py} ({time.perf_counter() - t0:.1f}s)")
-    print(_fmt("FC relu 5x512 N=8 d=64", nt_fc_kernel_timing("relu", n=8)))
-    print(_fmt("FC relu 5x512 N=4000 d=64", nt_fc_kernel_timing("relu")))
-    print(_fmt("FC erf 5x512 N=4000 d=64", nt_fc_kernel_timing("erf")))
-    print(_fmt("empirical NTK MLP 3x2048 N=64", nt_empirical_ntk_mlp_timing()))
-    print(_fmt("empirical NTK CNN 4xC64 N=64 32x32", nt_empirical_ntk_cnn_timing()))
+    print(f"[_nt] venv python: {py} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    runs = [
+        ("FC relu 5x512 N=8 d=64", lambda: nt_fc_kernel_timing("relu", n=8)),
+        ("FC relu 5x512 N=4000 d=64", lambda: nt_fc_kernel_timing("relu")),
+        ("FC erf 5x512 N=4000 d=64", lambda: nt_fc_kernel_timing("erf")),
+        ("eNTK MLP 3x2048 N=64 d=128 f64", nt_empirical_ntk_mlp_timing),
+        ("eNTK CNN 4xC64 N=64 32x32x3 f32", lambda: nt_empirical_ntk_cnn_timing(dtype="float32")),
+        ("eNTK CNN 4xC64 N=8 32x32x3 f64", lambda: nt_empirical_ntk_cnn_timing(n=8, repeats=1)),
+    ]
+    if args.cnn_f64:
+        runs.append(
+            (
+                "eNTK CNN 4xC64 N=64 32x32x3 f64",
+                lambda: nt_empirical_ntk_cnn_timing(repeats=1, timeout=7200),
+            )
+        )
+    for name, fn in runs:
+        print(_fmt(name, fn()), flush=True)
 
 
 if __name__ == "__main__":

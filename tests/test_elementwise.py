@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import gauss_pair_expect
 from scipy import special
 
+from helpers import gauss_pair_expect
 from infnets import stax
 
 F64 = torch.float64
@@ -138,11 +138,11 @@ ACTIVATIONS = {
         lambda x: np.exp(0.05 * x * x),
         lambda x: 0.1 * x * np.exp(0.05 * x * x),
     ),
+    **{f"Monomial{n}": (lambda n=n: stax.Monomial(n), *_poly([0.0] * n + [1.0])) for n in range(5)},
     **{
-        f"Monomial{n}": (lambda n=n: stax.Monomial(n), *_poly([0.0] * n + [1.0]))
+        f"RectifiedMonomial{n}": (lambda n=n: stax.RectifiedMonomial(n), *_rect_mono(n))
         for n in range(5)
     },
-    **{f"RectifiedMonomial{n}": (lambda n=n: stax.RectifiedMonomial(n), *_rect_mono(n)) for n in range(5)},
     "Polynomial": (lambda: stax.Polynomial([0.3, -1.0, 0.5, 0.2]), *_poly([0.3, -1.0, 0.5, 0.2])),
     **{
         f"Hermite{n}": (
@@ -201,7 +201,9 @@ def test_nngp_map_matches_quadrature(name):
     got = layer.nngp_map(_t(c), _t(q1), _t(q2)).numpy()  # batched over the points
     for i, (ci, a, b) in enumerate(zip(c, q1, q2)):
         ref = gauss_pair_expect(phi, phi, ci, a, b)
-        scale = math.sqrt(gauss_pair_expect(phi, phi, a, a, a) * gauss_pair_expect(phi, phi, b, b, b))
+        scale = math.sqrt(
+            gauss_pair_expect(phi, phi, a, a, a) * gauss_pair_expect(phi, phi, b, b, b)
+        )
         assert abs(got[i] - ref) <= _tolerance(name) * (abs(ref) + scale), (POINTS[i], got[i], ref)
 
 
@@ -235,9 +237,9 @@ def test_dot_map_is_price_derivative(name):
     # keep |rho| <= 0.8 so c +- h stays inside the domain and away from the sqrt singularity
     c, q1, q2 = _cqq([(1.0, 1.0, 0.0), (0.7, 1.3, 0.45), (1.5, 0.6, -0.8)])
     h = 1e-5
-    fd = (
-        layer.nngp_map(_t(c + h), _t(q1), _t(q2)) - layer.nngp_map(_t(c - h), _t(q1), _t(q2))
-    ) / (2 * h)
+    fd = (layer.nngp_map(_t(c + h), _t(q1), _t(q2)) - layer.nngp_map(_t(c - h), _t(q1), _t(q2))) / (
+        2 * h
+    )
     # central differences: O(h^2 K''') truncation + O(eps K / h) rounding ~ 1e-10 here
     torch.testing.assert_close(layer.dot_map(_t(c), _t(q1), _t(q2)), fd, rtol=1e-6, atol=1e-7)
 
@@ -335,13 +337,21 @@ def _closed_forms():
         # E[sin u sin v] = (E cos(u - v) - E cos(u + v)) / 2, E cos t = exp(-Var t / 2)
         "Sin": (
             stax.Sin(),
-            lambda c, q1, q2: 0.5 * (np.exp(-(q1 + q2 - 2 * c) / 2) - np.exp(-(q1 + q2 + 2 * c) / 2)),
-            lambda c, q1, q2: 0.5 * (np.exp(-(q1 + q2 - 2 * c) / 2) + np.exp(-(q1 + q2 + 2 * c) / 2)),
+            lambda c, q1, q2: (
+                0.5 * (np.exp(-(q1 + q2 - 2 * c) / 2) - np.exp(-(q1 + q2 + 2 * c) / 2))
+            ),
+            lambda c, q1, q2: (
+                0.5 * (np.exp(-(q1 + q2 - 2 * c) / 2) + np.exp(-(q1 + q2 + 2 * c) / 2))
+            ),
         ),
         "Cos": (
             stax.Cos(),
-            lambda c, q1, q2: 0.5 * (np.exp(-(q1 + q2 - 2 * c) / 2) + np.exp(-(q1 + q2 + 2 * c) / 2)),
-            lambda c, q1, q2: 0.5 * (np.exp(-(q1 + q2 - 2 * c) / 2) - np.exp(-(q1 + q2 + 2 * c) / 2)),
+            lambda c, q1, q2: (
+                0.5 * (np.exp(-(q1 + q2 - 2 * c) / 2) + np.exp(-(q1 + q2 + 2 * c) / 2))
+            ),
+            lambda c, q1, q2: (
+                0.5 * (np.exp(-(q1 + q2 - 2 * c) / 2) - np.exp(-(q1 + q2 + 2 * c) / 2))
+            ),
         ),
         # sqrt2 sin(sqrt(2 gamma) x + pi/4): exp(-gamma E(u - v)^2); the cos(u + v + pi/2)
         # term vanishes, the derivative kernel is 2 gamma exp(-gamma E(u - v)^2)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import doctest
-import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -52,7 +52,7 @@ def reduce_reference(
     trace: tuple[int, ...],
     diag: tuple[int, ...],
 ) -> Tensor:
-    """Reduce ``full (N1, *S1, N2, *S2)`` by explicit loops over output indices.
+    """Reduce ``full (N1, *S1, N2, *S2)`` pair by pair with ``torch.diagonal``.
 
     The result has axes ``n1, n2`` (or one ``n`` if 0 is diagonal), then per output axis
     ``(s, s')`` (free), ``(s,)`` (diagonal) or nothing (traced: mean over the diagonal).
@@ -61,33 +61,13 @@ def reduce_reference(
     trace = tuple(a % nd for a in trace)
     diag = tuple(a % nd for a in diag)
     k = full.reshape(s1 + s2)
-    out_axes: list[tuple[str, int]] = []  # ('free'|'diag', axis)
-    for a in range(nd):
+    k = k.permute([i for a in range(nd) for i in (a, nd + a)])  # pairs at (2a, 2a + 1)
+    for a in reversed(range(nd)):  # from the last pair: earlier positions stay valid
         if a in trace:
-            continue
-        out_axes.append(("diag" if a in diag else "free", a))
-    shape: list[int] = []
-    for kind, a in out_axes:
-        shape += [s1[a]] if kind == "diag" else [s1[a], s2[a]]
-    res = torch.zeros(shape, dtype=full.dtype)
-    ranges = [range(s1[a]) for a in trace]
-    count = math.prod(s1[a] for a in trace)
-    for idx in itertools.product(*[range(n) for n in shape]):
-        i1, i2, pos = [0] * nd, [0] * nd, 0
-        for kind, a in out_axes:
-            if kind == "diag":
-                i1[a] = i2[a] = idx[pos]
-                pos += 1
-            else:
-                i1[a], i2[a] = idx[pos], idx[pos + 1]
-                pos += 2
-        total = 0.0
-        for t in itertools.product(*ranges):
-            for a, v in zip(trace, t):
-                i1[a] = i2[a] = v
-            total += k[tuple(i1) + tuple(i2)]
-        res[idx] = total / count
-    return res
+            k = k.diagonal(dim1=2 * a, dim2=2 * a + 1).mean(-1)
+        elif a in diag:
+            k = k.diagonal(dim1=2 * a, dim2=2 * a + 1).movedim(-1, 2 * a)
+    return k
 
 
 def reference_ntk(model: nn.Module, x1: Tensor, x2: Tensor, trace=(-1,), diag=()) -> Tensor:
@@ -228,8 +208,8 @@ def test_structured_convolution_variants(conv: nn.Module) -> None:
     d = conv.weight.ndim - 2
     c_in = conv.in_channels
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(start_dim=2)).double()
-    x1 = torch.randn((3, c_in) + (5,) * d, dtype=DT)
-    x2 = torch.randn((2, c_in) + (5,) * d, dtype=DT)
+    x1 = torch.randn((3, c_in) + (5 - d,) * d, dtype=DT)
+    x2 = torch.randn((2, c_in) + (5 - d,) * d, dtype=DT)
     ref = reference_ntk(model, x1, x2, trace=(1,))
     for impl in ("structured", "jacobian_contraction"):
         k = empirical_ntk_fn(model, trace_axes=(1,), implementation=impl)(x1, x2)
@@ -419,52 +399,53 @@ def _mc_net():
 
 
 def test_monte_carlo_converges_to_analytic_kernels() -> None:
-    """One hidden layer: E[empirical kernel] equals the analytic kernel at any width, so the
-    error is pure Monte Carlo noise ~ 1/sqrt(S).
+    """Monte Carlo estimates stay within a 1/sqrt(S) error envelope of the analytic kernels.
 
-    Two checks on S = 16 .. 256 samples (independent per-sample kernels K_s):
-    * unbiased: every entry's z-score |mean - analytic| / (std / sqrt(S)) < 5 (with ~20
-      entries and near-Gaussian means, P(any |z| > 5) < 1e-5);
-    * rate: the RMS error over entries at 16 S is ~ 1/4 of that at S; it must be below 1/2
-      (the RMS over ~20 entries of independent samples is stable; 2x margin).
+    With one hidden layer, E[empirical kernel] equals the analytic kernel at any width, so
+    the error of the S-sample mean is pure Monte Carlo noise with standard deviation
+    sigma / sqrt(S) per entry (sigma: per-sample standard deviation, estimated from the 64
+    samples). We check |K_S - K| < 4.5 sigma / sqrt(S) for S = 4, 16, 64, every entry, both
+    kernels: under the null each ratio is ~N(0, 1) (t with 63 dof), and the Bonferroni bound
+    over 2 x 3 x 6 = 36 tests gives a false-failure probability < 36 * 7e-6 = 3e-4 (the
+    seeds are fixed, so the test is deterministic anyway). A biased estimator, or one whose
+    error does not shrink with S, fails at S = 64, where the envelope is 4x tighter than at
+    S = 4.
     """
-    init_fn, apply_fn, kernel_fn = _mc_net()
+    from infnets import stax
+
+    init_fn, apply_fn, kernel_fn = stax.serial(
+        stax.Dense(64, W_std=1.5, b_std=0.3), stax.Relu(), stax.Dense(3, W_std=1.2, b_std=0.2)
+    )
     torch.manual_seed(5)
-    x1, x2 = torch.randn(4, 6, dtype=DT), torch.randn(2, 6, dtype=DT)
+    x1, x2 = torch.randn(3, 6, dtype=DT), torch.randn(2, 6, dtype=DT)
     exact = kernel_fn(x1, x2, ("nngp", "ntk"))
+    ns = [4, 16, 64]
+    mc = monte_carlo_kernel_fn(init_fn, apply_fn, 7, ns, implementation="jacobian_contraction")
+    curve = list(mc(x1, x2))
+    assert [type(c).__name__ for c in curve] == ["Kernels"] * 3
+
+    # the same samples, one by one: seed 7, init_fn called in sequence on one generator
     per_sample = empirical_kernel_fn(apply_fn, implementation="jacobian_contraction")
-    gen = torch.Generator().manual_seed(11)
-    samples = {"nngp": [], "ntk": []}
-    for _ in range(256 + 16):
+    gen = torch.Generator().manual_seed(7)
+    samples: dict[str, list[Tensor]] = {"nngp": [], "ntk": []}
+    for _ in range(ns[-1]):
         _, params = init_fn(gen, (-1, 6), dtype=DT)
         k = per_sample(x1, x2, params=params)
         samples["nngp"].append(k.nngp)
         samples["ntk"].append(k.ntk)
     for name in ("nngp", "ntk"):
         ks = torch.stack(samples[name])
+        sigma = ks.std(0)
         target = getattr(exact, name)
-        big, small = ks[:256], ks[256:]
-        z = (big.mean(0) - target) / (big.std(0) / math.sqrt(256))
-        assert z.abs().max() < 5.0, (name, z)
-        rms = lambda e: e.pow(2).mean().sqrt()
-        ratio = rms(big.mean(0) - target) / rms(small.mean(0) - target)
-        assert ratio < 0.5, (name, ratio)
+        for n, est in zip(ns, curve):
+            torch.testing.assert_close(getattr(est, name), ks[:n].mean(0))
+            z = (getattr(est, name) - target) / (sigma / math.sqrt(n))
+            assert z.abs().max() < 4.5, (name, n, z)
 
-    # the public estimator reproduces the running means and its last estimate is the answer
-    mc = monte_carlo_kernel_fn(init_fn, apply_fn, key=7, n_samples=[2, 8, 32])
-    curve = list(mc(x1, x2))
-    assert [type(c).__name__ for c in curve] == ["Kernels"] * 3
-    last = monte_carlo_kernel_fn(init_fn, apply_fn, key=7, n_samples=32)(x1, x2)
-    torch.testing.assert_close(curve[-1].ntk, last.ntk)
-    torch.testing.assert_close(curve[-1].nngp, last.nngp)
-    err = [(c.ntk - exact.ntk).abs().max() for c in curve]
-    assert err[-1] < 6 * samples_std(samples["ntk"]) / math.sqrt(32)
-    mc32 = monte_carlo_kernel_fn(init_fn, apply_fn, key=7, n_samples=32)
-    torch.testing.assert_close(mc32(x1, None, "ntk")[:, :2], mc32(x1, x1[:2], "ntk"))
-
-
-def samples_std(ks: list[Tensor]) -> Tensor:
-    return torch.stack(ks).std(0).max()
+    last = monte_carlo_kernel_fn(init_fn, apply_fn, 7, 16)(x1, x2, "ntk")
+    torch.testing.assert_close(last, curve[1].ntk)
+    mc16 = monte_carlo_kernel_fn(init_fn, apply_fn, 7, 16)
+    torch.testing.assert_close(mc16(x1, None, "ntk")[:, :2], mc16(x1, x1[:2], "ntk"))
 
 
 def test_monte_carlo_reproducible_with_generator() -> None:
@@ -498,14 +479,17 @@ def test_linearize_is_first_order() -> None:
             e_const = (model(x1) - f).abs().max().item()
         return e_lin, e_const
 
-    (e1, c1), (e2, c2) = errors(1e-2), errors(5e-3)
+    (e1, c1), (e2, c2) = errors(1e-3), errors(5e-4)
     assert 3.0 < e1 / e2 < 5.0  # O(eps^2): halving eps divides the error by 4
     assert e1 < 0.05 * c1  # far better than the zeroth order
     assert 1.5 < c1 / c2 < 2.5
 
 
 def test_taylor_expand_orders() -> None:
-    model, x1, _ = make_model("mlp")
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    model = model.double()  # smooth, so the remainder of degree 2 is O(eps^3)
+    x1 = torch.randn(4, 5, dtype=DT)
     direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     quad = taylor_expand(model, None, 2)
@@ -612,7 +596,9 @@ def test_error_trace_axes_out_of_range() -> None:
     with pytest.raises(ValueError, match="diagonal_axes"):
         empirical_nngp_fn(model, diagonal_axes=(-3,))(x1)
     with pytest.raises(ValueError, match="share an axis"):
-        empirical_ntk_fn(model, trace_axes=(-1,), diagonal_axes=(1,))
+        empirical_ntk_fn(model, trace_axes=(-1,), diagonal_axes=(1,))(x1)  # same axis
+    with pytest.raises(ValueError, match="share an axis"):
+        empirical_ntk_fn(model, trace_axes=(-1,), diagonal_axes=(-1,))
     with pytest.raises(TypeError, match="trace_axes must contain ints"):
         empirical_ntk_fn(model, trace_axes=("last",))
     with pytest.raises(ValueError, match="same number of examples"):
@@ -634,8 +620,11 @@ def test_error_not_functional_callable() -> None:
             empirical_ntk_fn(UsesItem(), implementation=impl)(x)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module or a function"):
         empirical_ntk_fn(42)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated
+        scripted = torch.jit.script(nn.Linear(3, 2))
     with pytest.raises(TypeError, match="TorchScript"):
-        empirical_ntk_fn(torch.jit.script(nn.Linear(3, 2)))
+        empirical_ntk_fn(scripted)
     with pytest.raises(ValueError, match=r"pass its parameters"):
         empirical_ntk_fn(lambda p, x: x)(x)
 

@@ -21,7 +21,9 @@ Solving with stored kernels: :func:`solve_posterior_mean` gives the NNGP/NTK
 posterior mean ``K(x, X) (K(X, X) + λ I)^{-1} Y`` from a store path, a zarr or
 Dask array (or an in-memory matrix), by an in-memory Cholesky factorization when
 the matrix fits (``method='cholesky'``) or by preconditioned conjugate gradients
-with tiled matrix products otherwise (``method='cg'``, :func:`cg_solve`).
+with tiled matrix products otherwise (``method='cg'``, :func:`cg_solve`);
+:func:`gp_inference` is the same as ``infnets.predict.gp_inference`` (means and
+covariances for ``'nngp'``, ``'ntk'``, ``'ntkgp'``) on such kernels.
 
 Dask and zarr are the optional ``distributed`` extra
 (``pip install 'infnets[distributed]'``), imported only when used.
@@ -55,7 +57,7 @@ from infnets._src.distributed_store import (
     open_kernel_store,
 )
 from infnets._src.distributed_tiles import TileGrid, multi_device_kernel
-from infnets._src.scale_solve import CGResult, cg_solve, solve_posterior_mean
+from infnets._src.scale_solve import CGResult, cg_solve, gp_inference, solve_posterior_mean
 
 __all__ = [
     "ArchError",
@@ -68,6 +70,7 @@ __all__ = [
     "close_embedded_client",
     "compute_kernel",
     "embedded_client",
+    "gp_inference",
     "kernel_matrix",
     "multi_device_kernel",
     "open_kernel_store",
@@ -198,8 +201,9 @@ def compute_kernel(
         >>> ks = compute_kernel(net, x, None, 'ntk', store=path, tile=4, client='threads')
         >>> len(ks.last_run.computed), ks.shape
         (6, (10, 10))
-        >>> compute_kernel(net, x, None, 'ntk', store=path, tile=4, client='threads').last_run.reused
-        6
+        >>> again = compute_kernel(net, x, None, 'ntk', store=path, tile=4, client='threads')
+        >>> again.last_run.reused, again.last_run.computed
+        (6, ())
     """
     return compute_store(
         kernel_fn,

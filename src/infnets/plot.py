@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["posterior_bands", "dynamics_curves", "kernel_heatmap", "save"]
+__all__ = ["figure", "posterior_bands", "dynamics_curves", "kernel_heatmap", "save"]
 
 #: colours of successive curves (colour-blind safe, Okabe-Ito)
 COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442")
@@ -50,6 +50,28 @@ def _figure_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure,
         return ax.figure, ax  # type: ignore[return-value]
     fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.add_subplot()
+
+
+def figure(
+    ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.5)
+) -> tuple[Figure, list[Axes]]:
+    """A new figure with a grid of axes, outside ``pyplot``'s global state.
+
+    Args:
+        ncols: columns of axes.
+        nrows: rows of axes.
+        size: ``(width, height)`` in inches of one axes.
+
+    Returns:
+        ``(figure, axes)`` with ``axes`` a flat list, row by row; pass an axes to the
+        helpers' ``ax`` argument to draw several panels in one figure.
+    """
+    _matplotlib()
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [a for row in axes for a in row]
 
 
 def _np(x: Any) -> np.ndarray:
@@ -201,7 +223,9 @@ def kernel_heatmap(
     ticks: list[float] = []
     names: list[str] = []
     if labels is not None:
-        lab = np.asarray(_np(labels) if hasattr(labels, "detach") else labels).reshape(-1)
+        if hasattr(labels, "detach"):
+            labels = labels.detach().cpu().numpy()
+        lab = np.asarray(labels).reshape(-1)
         if lab.shape[0] != mat.shape[0]:
             raise ValueError(
                 f"kernel_heatmap: {lab.shape[0]} labels for a {mat.shape[0]} x "

@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ArchError", "parse_arch", "read_arch", "LAYER_NAMES"]
+__all__ = ["ArchError", "layer_names", "parse_arch", "read_arch"]
 
 #: longest architecture text accepted (characters)
 MAX_SOURCE_CHARS = 100_000
@@ -54,10 +54,9 @@ def _layer_table() -> dict[str, Any]:
     }
 
 
-def __getattr__(name: str) -> Any:  # lazy module attribute LAYER_NAMES
-    if name == "LAYER_NAMES":
-        return tuple(sorted(_layer_table()))
-    raise AttributeError(name)
+def layer_names() -> tuple[str, ...]:
+    """The layer constructors an ARCH expression may call (``infnets.stax.__all__`` layers)."""
+    return tuple(sorted(_layer_table()))
 
 
 def _where(node: ast.AST) -> str:
@@ -156,10 +155,8 @@ class _Interpreter:
                 "attribute access is not allowed (only the 'stax.' or 'infnets.stax.' prefix)",
             )
         if name not in self.layers:
-            raise self.fail(
-                func,
-                f"{name!r} is not a layer of infnets.stax (known: {', '.join(sorted(self.layers))})",
-            )
+            known = ", ".join(sorted(self.layers))
+            raise self.fail(func, f"{name!r} is not a layer of infnets.stax (known: {known})")
         return name, self.layers[name]
 
     def call(self, node: ast.Call, depth: int) -> Any:

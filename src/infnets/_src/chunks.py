@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ __all__ = ["PAIR_CHUNK", "evaluate_in_chunks"]
 
 #: pairs of examples per chunk on the fully-connected path: the temporaries of a
 #: chunk (8 bytes per pair in float64) stay in the CPU's cache between layers
-PAIR_CHUNK = 1 << 16
+PAIR_CHUNK = 1 << 15
 
 
 def _joined(layer: Any, k_out: Any) -> Kernel:
@@ -58,7 +59,8 @@ def evaluate_in_chunks(layer: Any, k_in: Kernel, chunk: int = PAIR_CHUNK) -> Ker
     out_ntk = None if ntk_in is None else torch.empty_like(out_nngp)
     index = k_in.pair_index
     if index is not None:  # symmetric: upper-triangle pairs, mirrored
-        for start in range(0, n_pairs, chunk):
+
+        def packed(start: int) -> Kernel:
             sl = slice(start, start + chunk)
             i, j = index[0, sl], index[1, sl]
             k = part(nngp_in[sl], pair_index=index[:, sl])
@@ -67,16 +69,38 @@ def evaluate_in_chunks(layer: Any, k_in: Kernel, chunk: int = PAIR_CHUNK) -> Ker
             if out_ntk is not None:
                 out_ntk[i, j] = k.ntk  # type: ignore[assignment]
                 out_ntk[j, i] = k.ntk  # type: ignore[assignment]
+            return k
+
+        k = _map(packed, range(0, n_pairs, chunk))[0]
         return k.replace(nngp=out_nngp, ntk=out_ntk, pair_index=None)
     rows = max(1, chunk // k_in.n2)
-    cov1 = []
-    for start in range(0, k_in.n1, rows):
+
+    def block(start: int) -> Kernel:
         sl = slice(start, start + rows)
-        block = nngp_in[sl]
-        k = part(block, cov1=k_in.cov1[sl], n1=block.shape[0])
+        part_nngp = nngp_in[sl]
+        k = part(part_nngp, cov1=k_in.cov1[sl], n1=part_nngp.shape[0])
         out_nngp[sl] = k.nngp
         if out_ntk is not None:
             out_ntk[sl] = k.ntk  # type: ignore[assignment]
-        cov1.append(k.cov1)
+        return k
+
+    parts = _map(block, range(0, k_in.n1, rows))
+    k = parts[0]
+    cov1 = torch.cat([p.cov1 for p in parts])
     shape1 = (k_in.n1,) + tuple(k.shape1[1:])
-    return k.replace(nngp=out_nngp, ntk=out_ntk, cov1=torch.cat(cov1), n1=k_in.n1, shape1=shape1)
+    return k.replace(nngp=out_nngp, ntk=out_ntk, cov1=cov1, n1=k_in.n1, shape1=shape1)
+
+
+def _map(fn: Any, starts: range) -> list[Kernel]:
+    """``[fn(s) for s in starts]``, spread over ``torch.get_num_threads()`` threads.
+
+    Chunks are small enough that each torch op runs on one thread (below ATen's
+    parallel grain), so the chunks themselves are the unit of parallel work:
+    no OpenMP barrier per elementwise op, which matters on busy machines. Torch
+    ops release the GIL; the chunks write disjoint parts of the output.
+    """
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers <= 1:
+        return [fn(s) for s in starts]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, starts))

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +88,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="ARCH",
         help="the architecture: a stax expression, @FILE, or the path of a file holding one",
     )
-    p.add_argument(
-        "--x1", required=True, metavar="X1.npy", help="inputs (N1, ...) as a .npy file"
-    )
+    p.add_argument("--x1", required=True, metavar="X1.npy", help="inputs (N1, ...) as a .npy file")
     p.add_argument(
         "--x2",
         metavar="X2.npy",
@@ -103,12 +101,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="comma-separated kernels among nngp, ntk (default: nngp,ntk)",
     )
     p.add_argument("--out", required=True, metavar="K.zarr", help="the store directory")
-    p.add_argument(
-        "--tile", type=int, default=512, help="tile edge in examples (default: 512)"
-    )
-    p.add_argument(
-        "--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler"
-    )
+    p.add_argument("--tile", type=int, default=512, help="tile edge in examples (default: 512)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler")
     p.add_argument(
         "--workers",
         type=int,
@@ -147,8 +141,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> int:
-    text = textwrap.fill(message, width=100, subsequent_indent="  ")
-    print(f"infnets kernel: error: {text}", file=sys.stderr)
+    print(f"infnets kernel: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -199,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
     np_dtype = np.float64 if args.dtype == "float64" else np.float32
     try:
         x1 = np.array(_load(args.x1, "--x1"), dtype=np_dtype, order="C")
-        x2 = None if args.x2 is None else np.array(_load(args.x2, "--x2"), dtype=np_dtype, order="C")
+        x2 = None
+        if args.x2 is not None:
+            x2 = np.array(_load(args.x2, "--x2"), dtype=np_dtype, order="C")
     except ValueError as err:
         return _error(str(err))
 
@@ -215,7 +210,11 @@ def run(args: argparse.Namespace) -> int:
         from distributed import Client, LocalCluster
 
         cluster = LocalCluster(
-            n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
         )
         client = Client(cluster)
     else:

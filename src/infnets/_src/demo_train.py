@@ -13,17 +13,36 @@ Two protocols:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from infnets._src.layer import Layer
 
-__all__ = ["gradient_descent_ensemble", "train_classifier", "accuracy"]
+__all__ = [
+    "gradient_descent_ensemble",
+    "linearized_gradient_descent",
+    "train_classifier",
+    "accuracy",
+    "single_thread",
+]
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside the block (small per-step tensors train faster
+    without inter-thread synchronisation); the previous setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _stack(trees: list[Any]) -> Any:
@@ -37,63 +56,113 @@ def gradient_descent_ensemble(
     x_train: Tensor,
     y_train: Tensor,
     x_test: Tensor,
-    y_test: Tensor,
     learning_rate: float,
     record_steps: Sequence[int],
     seeds: Sequence[int],
     progress: Any = None,
-) -> Tensor:
-    r"""Test losses of finite networks trained by full-batch gradient descent.
+) -> tuple[Tensor, Tensor]:
+    r"""Outputs of finite networks trained by full-batch gradient descent on MSE.
 
     Each network ``f`` starts from ``init_fn(seed)`` (its own seed) and takes steps
-    ``theta <- theta - lr dL/dtheta`` with ``L = 1/2 sum_{i,c} (f_c(x_i) - y_ic)^2``;
-    the test loss is ``mean_{x, c} (f_c(x) - y_c(x))^2``. In the NTK
-    parameterization these networks follow, as the width grows, the linearized
-    dynamics of Lee et al. 2019 whose ensemble average
-    :func:`infnets.predict.gradient_descent_mse_ensemble` computes.
+    ``theta <- theta - lr dL/dtheta`` with ``L = 1/2 sum_{i,c} (f_c(x_i) - y_ic)^2``.
+    In the NTK parameterization these networks follow, as the width grows, the
+    linearized dynamics of Lee et al. 2019 whose ensemble average
+    :func:`infnets.predict.gradient_descent_mse_ensemble` computes. The ``S``
+    networks are trained together: ``vmap`` runs ``apply_fn`` on their stacked
+    parameters and one backward pass of the summed losses gives every network's
+    gradient (the networks share no parameter).
 
     Args:
         layer: the stax network (its finite twin is trained).
-        x_train: ``(N, d)`` training inputs.
+        x_train: ``(N, d)`` training inputs (their dtype is the networks' dtype).
         y_train: ``(N, k)`` targets.
         x_test: ``(M, d)`` test inputs.
-        y_test: ``(M, k)`` test targets.
         learning_rate: step size ``lr``.
-        record_steps: increasing step counts at which to record the test loss
-            (``0`` is the initialisation).
+        record_steps: step counts at which to record the test outputs (``0`` is the
+            initialisation).
         seeds: one ``init_fn`` seed per network.
         progress: optional ``tqdm`` bar, advanced once per step.
 
     Returns:
-        ``(S, T)`` test losses, one row per seed, one column per recorded step.
+        ``(fx_train_0, fx_test)``: the ``(S, N, k)`` initial train outputs and the
+        ``(S, T, M, k)`` test outputs at the ``T`` sorted recorded steps.
     """
     init_fn, apply_fn, _ = layer
     in_shape = (-1,) + tuple(x_train.shape[1:])
     params = _stack(
         [init_fn(int(s), in_shape, dtype=x_train.dtype, device=x_train.device)[1] for s in seeds]
     )
-
-    def loss(p: Any) -> Tensor:
-        return 0.5 * ((apply_fn(p, x_train) - y_train) ** 2).sum()
-
-    grad_fn = vmap(grad(loss))
-    test_fn = vmap(apply_fn, in_dims=(0, None))
-    steps = sorted(int(s) for s in record_steps)
-    out = torch.empty(len(seeds), len(steps), dtype=x_train.dtype)
-    j = 0
+    leaves, spec = pytree.tree_flatten(params)
+    leaves = [leaf.requires_grad_(True) for leaf in leaves]
+    batched = vmap(apply_fn, in_dims=(0, None))
+    steps = sorted({int(s) for s in record_steps})
+    records: list[Tensor] = []
     with torch.no_grad():
-        for step in range(steps[-1] + 1):
-            while j < len(steps) and steps[j] == step:
-                out[:, j] = ((test_fn(params, x_test) - y_test) ** 2).mean(dim=(1, 2))
-                j += 1
-            if step == steps[-1]:
-                break
-            with torch.enable_grad():
-                g = grad_fn(params)
-            params = pytree.tree_map(lambda p, d: p - learning_rate * d, params, g)
-            if progress is not None:
-                progress.update(1)
-    return out
+        fx_train_0 = batched(pytree.tree_unflatten(leaves, spec), x_train)
+    for step in range(steps[-1] + 1):
+        if step in steps:
+            with torch.no_grad():
+                records.append(batched(pytree.tree_unflatten(leaves, spec), x_test))
+        if step == steps[-1]:
+            break
+        with torch.enable_grad():
+            out = batched(pytree.tree_unflatten(leaves, spec), x_train)
+            loss = 0.5 * ((out - y_train) ** 2).sum()
+            grads = torch.autograd.grad(loss, leaves)
+        with torch.no_grad():
+            leaves = [
+                (leaf - learning_rate * g).requires_grad_(True) for leaf, g in zip(leaves, grads)
+            ]
+        if progress is not None:
+            progress.update(1)
+    return fx_train_0, torch.stack(records, dim=1)
+
+
+def linearized_gradient_descent(
+    ntk_train: Tensor,
+    ntk_test_train: Tensor,
+    y_train: Tensor,
+    learning_rate: float,
+    steps: Sequence[int],
+    fx_train_0: Tensor,
+    fx_test_0: Tensor,
+) -> Tensor:
+    r"""Test outputs of the linearized network after exactly ``s`` gradient-descent steps.
+
+    The infinite-width network is its linearization with the constant NTK ``Θ``
+    (Lee et al. 2019); discrete steps ``f_{s+1}(X) = f_s(X) - lr Θ (f_s(X) - Y)`` give
+    train residuals ``(I - lr Θ)^s r_0`` and test outputs
+
+    ``f_s(x) = f_0(x) - Θ(x, X) V diag((1 - (1 - lr w)^s) / w) V^T (f_0(X) - Y)``
+
+    with ``Θ = V diag(w) V^T``. :func:`infnets.predict.gradient_descent_mse` is the
+    gradient-flow limit (``(1 - lr w)^s -> exp(-lr w s)``); this discrete form lets a
+    finite network be compared with its infinite-width twin step for step, started
+    from the same initial function ``f_0``.
+
+    Args:
+        ntk_train: ``(N, N)`` train-train NTK.
+        ntk_test_train: ``(M, N)`` test-train NTK.
+        y_train: ``(N, k)`` targets.
+        learning_rate: step size ``lr``.
+        steps: ``T`` step counts.
+        fx_train_0: ``(N, k)`` initial train outputs.
+        fx_test_0: ``(M, k)`` initial test outputs.
+
+    Returns:
+        ``(T, M, k)`` test outputs (float64).
+    """
+    f64 = torch.float64
+    w, v = torch.linalg.eigh(ntk_train.to(f64))
+    w = w.clamp_min(0.0)
+    r0 = v.T @ (fx_train_0.to(f64) - y_train.to(f64))
+    kv = ntk_test_train.to(f64) @ v
+    out = []
+    for s in steps:
+        decay = (1.0 - learning_rate * w) ** int(s)
+        phi = torch.where(w > 0, (1.0 - decay) / torch.where(w > 0, w, 1.0), learning_rate * s)
+        out.append(fx_test_0.to(f64) - kv @ (phi[:, None] * r0))
+    return torch.stack(out)
 
 
 def accuracy(outputs: Tensor, labels: Tensor) -> float:
@@ -112,13 +181,15 @@ def train_classifier(
     learning_rate: float = 1e-3,
     seed: int = 0,
     progress: Any = None,
+    loss_name: str = "cross_entropy",
 ) -> float:
-    """Train the finite twin with Adam on MSE to the one-hot targets; test accuracy.
+    """Train the finite twin with Adam on minibatches; return its test accuracy.
 
     Args:
         layer: the stax network; its ``to_module`` twin is trained in float32.
         x_train: ``(N, ...)`` training inputs.
-        targets: ``(N, C)`` centred one-hot targets (as for the kernels).
+        targets: ``(N, C)`` centred one-hot targets (as for the kernels); their argmax
+            are the labels of the cross-entropy loss.
         x_test: ``(M, ...)`` test inputs.
         y_test: ``(M,)`` test labels.
         epochs: passes over the training set.
@@ -126,6 +197,8 @@ def train_classifier(
         learning_rate: Adam's step size.
         seed: initialisation and shuffling seed.
         progress: optional ``tqdm`` bar, advanced once per epoch.
+        loss_name: ``'cross_entropy'`` (softmax of the outputs, the usual way to train
+            a classifier) or ``'mse'`` (``1/2 |f(x) - target|^2``, as the kernels).
 
     Returns:
         The test accuracy after training.
@@ -135,12 +208,17 @@ def train_classifier(
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
     gen = torch.Generator().manual_seed(seed)
     x, t = x_train.to(dtype), targets.to(dtype)
+    labels = targets.argmax(-1)
     n = x.shape[0]
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for lo in range(0, n, batch_size):
             idx = order[lo : lo + batch_size]
-            loss = 0.5 * ((model(x[idx]) - t[idx]) ** 2).sum(-1).mean()
+            out = model(x[idx])
+            if loss_name == "cross_entropy":
+                loss = torch.nn.functional.cross_entropy(out, labels[idx])
+            else:
+                loss = 0.5 * ((out - t[idx]) ** 2).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

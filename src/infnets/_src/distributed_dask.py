@@ -15,6 +15,7 @@ diagonal of a symmetric problem). Several kernels share the tile tasks, so
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -32,7 +33,6 @@ from infnets._src.distributed_tiles import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    import dask.array
     import distributed
 
 __all__ = [
@@ -97,6 +97,8 @@ def embedded_client(n_workers: int | None = None, processes: bool = True) -> dis
     (worker ``w`` uses ``cuda:w``), else one single-threaded worker per CPU core
     (each tile then runs with one torch thread). The client is made the default,
     so ``dask_array.compute()`` runs there, and it is closed at interpreter exit.
+    Worker processes are spawned: scripts that start it need the usual
+    ``if __name__ == '__main__':`` guard (or pass ``client='threads'``).
 
     Args:
         n_workers: number of workers (default: GPUs, else CPU cores).
@@ -112,7 +114,11 @@ def embedded_client(n_workers: int | None = None, processes: bool = True) -> dis
             return _EMBEDDED
         n = n_workers or _local_gpu_count() or _local_cpu_count()
         cluster = dist.LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=processes, dashboard_address=None
+            n_workers=n,
+            threads_per_worker=1,
+            processes=processes,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
         )
         _EMBEDDED = dist.Client(cluster, set_as_default=True)
         return _EMBEDDED

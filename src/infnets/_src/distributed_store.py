@@ -217,9 +217,7 @@ def _verify_tile(spec: _Spec, i: int, j: int) -> bool:
     try:
         marker = json.loads(_marker_path(Path(spec.path), i, j).read_bytes())
         sums = marker["sha256"]
-        expected = {
-            _block_key(n, bi, bj) for n in spec.names for bi, bj in grid.blocks(i, j)
-        }
+        expected = {_block_key(n, bi, bj) for n in spec.names for bi, bj in grid.blocks(i, j)}
         if marker.get("tile") != [i, j] or set(sums) != expected:
             return False
         for name in spec.names:
@@ -327,7 +325,7 @@ class KernelStore:
         >>> store = open_kernel_store('K.zarr')           # doctest: +SKIP
         >>> store.is_complete(), store['ntk'].shape        # doctest: +SKIP
         (True, (50000, 50000))
-        >>> k = store.to_dask('ntk')                        # lazy, chunked by tiles  # doctest: +SKIP
+        >>> k = store.to_dask('ntk')  # lazy, chunked by tiles      # doctest: +SKIP
     """
 
     def __init__(self, path: str | os.PathLike[str], last_run: RunReport | None = None) -> None:
@@ -538,8 +536,10 @@ def _ensure_store(path: Path, manifest: dict[str, Any], x1: np.ndarray, x2: np.n
     for name in manifest["get"]:
         try:
             arr = zarr.open_array(store=str(path / name), mode="r")
-            if tuple(arr.shape) != shape or tuple(arr.chunks) != (tile, tile) or (
-                np.dtype(arr.dtype) != np.dtype(manifest["dtype"])
+            if (
+                tuple(arr.shape) != shape
+                or tuple(arr.chunks) != (tile, tile)
+                or (np.dtype(arr.dtype) != np.dtype(manifest["dtype"]))
             ):
                 raise StoreMismatchError(
                     f"kernel store {str(path)!r}: array {name!r} has shape {arr.shape}, "

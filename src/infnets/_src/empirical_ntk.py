@@ -133,13 +133,15 @@ class Features:
 
     Attributes:
         jac: ``name -> (n, *S, D)`` flattened Jacobians of fallback parameters.
-        layers: ``layer -> (U (n, P, G, D_in), g (n, *S, P, G, D_out))`` inputs/cotangents.
+        layers: ``layer -> (shape, u, g)``: the layer's :class:`LayerShape`, its per-example
+            inputs ``u (n, *in_shape)`` (turned into patches only when contracted, one layer
+            at a time, to bound memory) and output cotangents ``g (n, *S, P, G, D_out)``.
         n: number of examples.
         out_size: ``prod(S)``.
     """
 
     jac: dict[str, Tensor]
-    layers: dict[str, tuple[Tensor, Tensor]]
+    layers: dict[str, tuple[LayerShape, Tensor, Tensor]]
     n: int
     out_size: int
 
@@ -206,10 +208,7 @@ def features(
     jp = jacs[-1] if fb else {}
     n, s = x.shape[0], probe_.out_shape
     jac = {name: jp[name].reshape((n,) + s + (-1,)) for name in fb}
-    feats = {
-        name: (_patches(ls, seen[name]), _cotangents(ls, jd[name], s))
-        for name, ls in layers.items()
-    }
+    feats = {name: (ls, seen[name], _cotangents(ls, jd[name], s)) for name, ls in layers.items()}
     return Features(jac, feats, n, math.prod(s))
 
 
@@ -256,15 +255,14 @@ def layer_costs(
     return gram, mat + 2.0 * b * w * g * ls.d_in * ls.d_out
 
 
-def contract(
-    f1: Features, f2: Features, ax: OutputAxes, layers: dict[str, LayerShape], same: bool
-) -> dict[str, Tensor]:
+def contract(f1: Features, f2: Features, ax: OutputAxes, same: bool) -> dict[str, Tensor]:
     """Per-parameter kernel blocks between two feature sets."""
     out = {name: _contract_jac(j1, f2.jac[name], ax) for name, j1 in f1.jac.items()}
-    for name, (u1, g1) in f1.layers.items():
-        u2, g2 = f2.layers[name]
-        ls = layers[name]
+    for name, (ls, in1, g1) in f1.layers.items():
+        ls2, in2, g2 = f2.layers[name]
         rule = ls.rule
+        u1 = _patches(ls, in1)
+        u2 = u1 if same else _patches(ls2, in2)
         if rule.weight is not None:
             b = f1.n if ax.batch_diag else f1.n * f2.n
             rows2 = 0 if same else f2.n * f2.out_size
@@ -274,7 +272,9 @@ def contract(
             else:
                 jw1 = _weight_jacobian(u1, g1)
                 jw2 = jw1 if same else _weight_jacobian(u2, g2)
+                del u1, u2
                 out[rule.weight] = _contract_jac(jw1, jw2, ax)
+                del jw1, jw2
         if rule.bias is not None:
             jb1 = g1.sum(-3).flatten(-2)
             jb2 = jb1 if same else g2.sum(-3).flatten(-2)
@@ -545,10 +545,9 @@ class EmpiricalNTK:
                     pr = p1 if x.shape[1:] == x1.shape[1:] else p2
                     return features(bound, pr, {k: pr.layers[k] for k in names}, x, self.who)
 
-                layers = {k: p1.layers[k] for k in names}
                 parts = blocked(
                     feat,
-                    lambda a, b, same: contract(a, b, ax, layers, same),
+                    lambda a, b, same: contract(a, b, ax, same),
                     x1,
                     x2,
                     self.chunk_size,

@@ -208,22 +208,28 @@ def gp_inference(
         pc.check_kernel_shape(k, layout.kernel_shape(n, n), arg, _FN, hint_tt)
     y_mat = layout.y_matrix(y)
 
-    factors: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    mats: dict[str, tuple[Tensor, Tensor, float, float]] = {}
+    factors: dict[str, Tensor] = {}
 
-    def factor(name: str) -> tuple[Tensor, Tensor, Tensor]:
-        """``(K_train unregularized, K_r, L)`` for a kernel field, cached."""
+    def regularized(name: str) -> tuple[Tensor, Tensor, float, float]:
+        """``(K, K + λ I, mean diagonal, λ)`` in float64 for a kernel field, cached."""
         key = pc.field_key(k_train_train, name)
-        if key not in factors:
+        if key not in mats:
             raw = pc.pick(k_train_train, name, "k_train_train", _FN, device)
             k64 = layout.kernel_matrix(raw, n, n, "k_train_train", hint_tt)
             reg, scale = pc.regularization(k64, diag_reg, diag_reg_absolute_scale)
             k_r = k64.clone()
             k_r.diagonal().add_(reg)
+            mats[key] = (k64, k_r, scale, reg)
+        return mats[key]
+
+    def factor(name: str) -> Tensor:
+        """Lower Cholesky factor of ``K + λ I`` (plus any jitter), cached."""
+        key = pc.field_key(k_train_train, name)
+        if key not in factors:
+            _, k_r, scale, reg = regularized(name)
             what = "k_train_train" if key == "tensor" else f"k_train_train.{name}"
-            chol, added = pc.cholesky(k_r, _FN, what, scale, reg, jitter)
-            if added:
-                k_r.diagonal().add_(added)
-            factors[key] = (k64, k_r, chol)
+            factors[key], _ = pc.cholesky(k_r, _FN, what, scale, reg, jitter)
         return factors[key]
 
     alphas: dict[str, Tensor] = {}
@@ -231,10 +237,12 @@ def gp_inference(
     def alpha(name: str) -> Tensor:
         key = pc.field_key(k_train_train, name)
         if key not in alphas:
-            alphas[key] = torch.cholesky_solve(y_mat, factor(name)[2])
+            alphas[key] = torch.cholesky_solve(y_mat, factor(name))
         return alphas[key]
 
-    def predict_fn(get: str | Sequence[str], k_test_train: Any = None, k_test_test: Any = None):
+    def predict_fn(
+        get: str | Sequence[str], k_test_train: Any = None, k_test_test: Any = None
+    ) -> Any:
         """Posterior mean (and covariance with ``k_test_test``) for ``get``.
 
         Args:
@@ -256,7 +264,7 @@ def gp_inference(
         def test_train(name: str) -> Tensor:
             nonlocal m
             if k_test_train is None:
-                return factor(name)[0]
+                return regularized(name)[0]
             raw = pc.pick(k_test_train, name, "k_test_train", _FN, device)
             if raw.ndim < 2 or raw.shape[1] != n:
                 raise ValueError(
@@ -285,7 +293,7 @@ def gp_inference(
             if k_test_test is None:
                 results[g] = mean
                 continue
-            _, k_r, chol = factor(kernel_name)
+            chol = factor(kernel_name)
             if g in ("nngp", "ntkgp"):
                 kxx = test_test(kernel_name)
                 w = torch.linalg.solve_triangular(chol, kx.T, upper=False)
@@ -293,7 +301,7 @@ def gp_inference(
             else:  # 'ntk': Lee et al. 2019 eq. 16 at t = inf
                 kx_nngp = test_train("nngp")
                 kxx = test_test("nngp")
-                _, k_r_nngp, _ = factor("nngp")
+                k_r_nngp = regularized("nngp")[1]
                 a = torch.cholesky_solve(kx.T, chol).T  # Θ(x, X) Θ_r^{-1}
                 cross = a @ kx_nngp.T
                 cov = kxx - cross - cross.T + a @ k_r_nngp @ a.T

@@ -39,37 +39,40 @@ import numpy as np
 import scipy.linalg
 import torch
 
-__all__ = ["CGResult", "as_operator", "cg_solve", "solve_posterior_mean"]
+__all__ = ["CGResult", "as_operator", "cg_solve", "gp_inference", "solve_posterior_mean"]
 
 _FN = "solve_posterior_mean"
 
 
 # ------------------------------------------------------------------ operators
 class _Operator:
-    """A kernel matrix reached through tiled products (base: in-memory tensor)."""
+    """A kernel matrix reached through tiled products (base: an in-memory matrix).
 
-    def __init__(self, mat: torch.Tensor) -> None:
+    The products use numpy only: mixing torch's and numpy's thread pools in one
+    loop makes both spin against each other.
+    """
+
+    def __init__(self, mat: np.ndarray) -> None:
         self.mat = mat
         self.shape: tuple[int, int] = (int(mat.shape[0]), int(mat.shape[1]))
-        self.dtype = np.dtype(str(mat.dtype).replace("torch.", ""))
+        self.dtype = np.dtype(mat.dtype)
 
     def matmat(self, v: np.ndarray) -> np.ndarray:
         """``K @ v`` in float64 for ``v`` of shape ``(N2, k)``."""
-        vt = torch.from_numpy(v)
-        if self.mat.dtype == torch.float64:
-            return (self.mat @ vt).numpy()
+        if self.mat.dtype == np.float64:
+            return self.mat @ v
         out = np.empty((self.shape[0], v.shape[1]))
         step = 4096
         for s in range(0, self.shape[0], step):
-            out[s : s + step] = (self.mat[s : s + step].double() @ vt).numpy()
+            out[s : s + step] = self.mat[s : s + step].astype(np.float64) @ v
         return out
 
     def diagonal(self) -> np.ndarray:
-        return torch.diagonal(self.mat).double().numpy().copy()
+        return np.diagonal(self.mat).astype(np.float64)
 
     def load(self) -> np.ndarray:
         """The matrix as a new float64 array (tile by tile for stored matrices)."""
-        return self.mat.double().numpy().copy()
+        return np.array(self.mat, dtype=np.float64)
 
 
 class _DaskOperator(_Operator):
@@ -131,12 +134,10 @@ def as_operator(k: Any, get: str = "nngp", name: str = "k", fn: str = _FN) -> _O
         return _check_op(_DaskOperator(da.from_zarr(k)), name, fn)
     if mod.startswith("dask"):
         return _check_op(_DaskOperator(k), name, fn)
-    if isinstance(k, np.ndarray):
-        k = torch.from_numpy(k)
     if isinstance(k, torch.Tensor):
-        if k.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{fn}: {name} has dtype {k.dtype}; pass a float32/float64 kernel.")
-        return _check_op(_Operator(k.detach().cpu()), name, fn)
+        k = k.detach().cpu().numpy()
+    if isinstance(k, np.ndarray):
+        return _check_op(_Operator(k), name, fn)
     if hasattr(k, get):
         value = getattr(k, get)
         if value is None:
@@ -427,64 +428,298 @@ def solve_posterior_mean(
         True
     """
     op = as_operator(k_train_train, get, "k_train_train")
-    n = op.shape[0]
-    if op.shape[0] != op.shape[1]:
-        raise ValueError(f"{_FN}: k_train_train must be square, got shape {op.shape}.")
+    y, out_shape = _targets(y_train, op.shape[0])
+    test_op = _test_operator(k_test_train, get, op.shape[0])
+    solver = _Solver(
+        op,
+        diag_reg,
+        diag_reg_absolute_scale,
+        method,
+        tol,
+        maxiter,
+        preconditioner,
+        rank,
+        memory_limit,
+        "k_train_train" if get is None else f"k_train_train ({get})",
+    )
+    alpha = solver.solve(y)
+    mean = _finish((test_op or op).matmat(alpha), out_shape, op.dtype)
+    return (mean, dict(solver.info)) if return_info else mean
+
+
+class _Solver:
+    """``(K + lambda I)^{-1} B`` for one train-train kernel: Cholesky (cached) or PCG."""
+
+    def __init__(
+        self,
+        op: _Operator,
+        diag_reg: float,
+        absolute: bool,
+        method: str,
+        tol: float,
+        maxiter: int | None,
+        preconditioner: str | None,
+        rank: int,
+        memory_limit: int | None,
+        what: str,
+    ) -> None:
+        if op.shape[0] != op.shape[1]:
+            raise ValueError(f"{_FN}: {what} must be square, got shape {op.shape}.")
+        if (
+            isinstance(diag_reg, bool)
+            or not isinstance(diag_reg, (int, float))
+            or not (math.isfinite(diag_reg) and diag_reg >= 0)
+        ):
+            raise ValueError(f"{_FN}: diag_reg must be a finite number >= 0, got {diag_reg!r}.")
+        if method not in ("auto", "cholesky", "cg"):
+            raise ValueError(f"{_FN}: method must be 'auto', 'cholesky' or 'cg', got {method!r}.")
+        n = op.shape[0]
+        self.op, self.what, self.n = op, what, n
+        self.scale = float(op.diagonal().mean())
+        self.ridge = float(diag_reg) if absolute else float(diag_reg) * self.scale
+        if method == "auto":
+            budget = _memory_budget() if memory_limit is None else int(memory_limit)
+            method = "cholesky" if 8 * n * n <= budget else "cg"
+        self.method = method
+        self.tol, self.maxiter = tol, maxiter
+        self.info: dict[str, Any] = {"method": method, "ridge": self.ridge, "iterations": 0}
+        self._factor: Any = None
+        self._minv: Any = None
+        if method == "cholesky":
+            mat = op.load()
+            mat[np.diag_indices(n)] += self.ridge
+            try:
+                self._factor = scipy.linalg.cho_factor(
+                    mat, lower=True, overwrite_a=True, check_finite=False
+                )
+            except np.linalg.LinAlgError:
+                raise ValueError(
+                    f"{_FN}: {what} + ridge ({self.ridge:.3g}) is not positive definite (mean "
+                    f"diagonal {self.scale:.3g}); pass a larger diag_reg (e.g. 1e-6 relative)."
+                ) from None
+        elif preconditioner == "nystrom":
+            self._minv = _nystrom(op, self.ridge, rank, 0)
+        elif preconditioner == "jacobi":
+            self._minv = _jacobi(op, self.ridge)
+        elif preconditioner is not None:
+            raise ValueError(
+                f"{_FN}: preconditioner must be 'nystrom', 'jacobi' or None, got "
+                f"{preconditioner!r}."
+            )
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        """``(K + lambda I)^{-1} b`` for ``b`` of shape ``(N, k)``, float64."""
+        if self._factor is not None:
+            return scipy.linalg.cho_solve(self._factor, b, check_finite=False)
+        res = cg_solve(
+            self.op,
+            b,
+            shift=self.ridge,
+            tol=self.tol,
+            maxiter=self.maxiter,
+            preconditioner=self._minv,
+        )
+        self.info["iterations"] += res.iterations
+        self.info["residual"] = res.residual
+        if not res.converged:
+            warnings.warn(
+                f"{_FN}: CG on {self.what} stopped after {res.iterations} iterations with "
+                f"relative residual {float(res.residual.max()):.2e} > tol={self.tol:g}; raise "
+                "maxiter or diag_reg.",
+                stacklevel=3,
+            )
+        return res.x.numpy()
+
+
+def _targets(y_train: Any, n: int) -> tuple[np.ndarray, tuple[int, ...]]:
     y = _as_float64(y_train, "y_train", _FN)
     if y.ndim == 0 or y.shape[0] != n:
         raise ValueError(
             f"{_FN}: y_train has shape {y.shape}, but k_train_train has {n} training points."
         )
-    out_shape = y.shape[1:]
-    ym = y.reshape(n, -1)
-    if isinstance(diag_reg, bool) or not isinstance(diag_reg, (int, float)) or not (
-        math.isfinite(diag_reg) and diag_reg >= 0
-    ):
-        raise ValueError(f"{_FN}: diag_reg must be a finite number >= 0, got {diag_reg!r}.")
-    if method not in ("auto", "cholesky", "cg"):
-        raise ValueError(f"{_FN}: method must be 'auto', 'cholesky' or 'cg', got {method!r}.")
-    test_op = None
-    if k_test_train is not None:
-        test_op = as_operator(k_test_train, get, "k_test_train")
-        if test_op.shape[1] != n:
-            raise ValueError(
-                f"{_FN}: k_test_train has shape {test_op.shape}; its second axis must match "
-                f"the {n} training points."
-            )
-    diag = op.diagonal()
-    scale = float(diag.mean())
-    ridge = float(diag_reg) if diag_reg_absolute_scale else float(diag_reg) * scale
-    if method == "auto":
-        budget = _memory_budget() if memory_limit is None else int(memory_limit)
-        method = "cholesky" if 8 * n * n <= budget else "cg"
-    info: dict[str, Any] = {"method": method, "ridge": ridge}
-    if method == "cholesky":
-        mat = op.load()
-        mat[np.diag_indices(n)] += ridge
-        try:
-            factor = scipy.linalg.cho_factor(mat, lower=True, overwrite_a=True, check_finite=False)
-        except np.linalg.LinAlgError:
-            raise ValueError(
-                f"{_FN}: k_train_train + ridge ({ridge:.3g}) is not positive definite "
-                f"(mean diagonal {scale:.3g}); pass a larger diag_reg (e.g. 1e-6 relative)."
-            ) from None
-        alpha = scipy.linalg.cho_solve(factor, ym, check_finite=False)
-        del mat, factor
-        info.update(iterations=0, residual=None)
-    else:
-        res = cg_solve(
-            op, ym, shift=ridge, tol=tol, maxiter=maxiter, preconditioner=preconditioner, rank=rank
+    return y.reshape(n, -1), tuple(y.shape[1:])
+
+
+def _test_operator(k: Any, get: str, n: int, name: str = "k_test_train") -> _Operator | None:
+    if k is None:
+        return None
+    op = as_operator(k, get, name)
+    if op.shape[1] != n:
+        raise ValueError(
+            f"{_FN}: {name} has shape {op.shape}; its second axis must match the {n} "
+            "training points."
         )
-        if not res.converged:
-            warnings.warn(
-                f"{_FN}: CG stopped after {res.iterations} iterations with relative residual "
-                f"{float(res.residual.max()):.2e} > tol={tol:g}; raise maxiter or diag_reg.",
-                stacklevel=2,
+    return op
+
+
+def _finish(m: np.ndarray, out_shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    out = torch.from_numpy(np.ascontiguousarray(m).reshape((m.shape[0],) + out_shape))
+    return out.to(torch.float32 if dtype == np.float32 else torch.float64)
+
+
+def gp_inference(
+    k_train_train: Any,
+    y_train: Any,
+    diag_reg: float = 0.0,
+    diag_reg_absolute_scale: bool = False,
+    *,
+    method: str = "auto",
+    tol: float = 1e-8,
+    maxiter: int | None = None,
+    preconditioner: str | None = "nystrom",
+    rank: int = 100,
+    memory_limit: int | None = None,
+) -> Callable[..., Any]:
+    r"""Posterior of infinitely wide networks from stored kernels, like ``predict.gp_inference``.
+
+    The same means and covariances as :func:`infnets.predict.gp_inference` (same
+    ``get`` names, same ``diag_reg`` convention), for kernels given as store paths,
+    :class:`~infnets.distributed.KernelStore`, zarr or Dask arrays (or in memory):
+    every solve with a train-train kernel goes through a cached Cholesky factor or
+    PCG (see the module docstring), and products with test-train kernels are tiled.
+
+    * ``'nngp'``: ``mu = K(x, X) K_r^{-1} Y``, ``Sigma = K(x, x) - K(x, X) K_r^{-1} K(X, x)``;
+    * ``'ntk'``: ``mu = Th(x, X) Th_r^{-1} Y``; with ``A = Th(x, X) Th_r^{-1}``,
+      ``Sigma = K(x, x) - A K(X, x) - K(x, X) A^T + A K_r A^T`` (Lee et al. 2019, eq. 16);
+    * ``'ntkgp'``: the NTK mean with ``Sigma = Th(x, x) - Th(x, X) Th_r^{-1} Th(X, x)``.
+
+    Covariances solve with ``M`` right-hand sides and hold ``(N, M)`` arrays in memory.
+
+    Args:
+        k_train_train: ``(N, N)`` train-train kernel(s): a store path or ``KernelStore``
+            (``'nngp'``/``'ntk'`` arrays chosen by ``get``), a record with ``.nngp``/
+            ``.ntk`` (e.g. the named tuple of :func:`~infnets.distributed.kernel_matrix`),
+            or one zarr / Dask / numpy / torch matrix used for every ``get``.
+        y_train: ``(N, *O)`` targets.
+        diag_reg: ridge ``>= 0`` (relative to each kernel's mean diagonal unless absolute).
+        diag_reg_absolute_scale: ``diag_reg`` is absolute.
+        method, tol, maxiter, preconditioner, rank, memory_limit: as in
+            :func:`solve_posterior_mean`.
+
+    Returns:
+        ``predict_fn(get, k_test_train=None, k_test_test=None)`` returning the ``(M, *O)``
+        mean, or ``Gaussian(mean, covariance)`` with ``k_test_test``; a named tuple for a
+        tuple ``get``. Test kernels may be given in any of the forms above.
+
+    Example:
+        >>> import torch
+        >>> from infnets import stax
+        >>> net = stax.serial(stax.Dense(64), stax.Relu(), stax.Dense(1))
+        >>> x, xt = torch.randn(30, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+        >>> k, kt = net.kernel_fn(x, None, ('nngp', 'ntk')), net.kernel_fn(xt, x, ('nngp', 'ntk'))
+        >>> kxx = net.kernel_fn(xt, None, ('nngp', 'ntk'))
+        >>> predict_fn = gp_inference(k, torch.sin(x[:, :1]), diag_reg=1e-3, method='cg')
+        >>> mean, cov = predict_fn('ntk', kt, kxx)
+        >>> mean.shape, cov.shape
+        (torch.Size([4, 1]), torch.Size([4, 4]))
+    """
+    from infnets._src.distributed_store import KernelStore
+
+    shared = not (
+        isinstance(k_train_train, (str, os.PathLike, KernelStore))
+        or (hasattr(k_train_train, "nngp") or hasattr(k_train_train, "ntk"))
+    )
+    ops: dict[str, _Operator] = {}
+    solvers: dict[str, _Solver] = {}
+
+    def train_op(name: str) -> _Operator:
+        key = "shared" if shared else name
+        if key not in ops:
+            ops[key] = as_operator(k_train_train, name, "k_train_train")
+        return ops[key]
+
+    n = train_op("nngp" if shared else _first_field(k_train_train)).shape[0]
+    y, out_shape = _targets(y_train, n)
+
+    def solver(name: str) -> _Solver:
+        key = "shared" if shared else name
+        if key not in solvers:
+            what = "k_train_train" if shared else f"k_train_train.{name}"
+            solvers[key] = _Solver(
+                train_op(name),
+                diag_reg,
+                diag_reg_absolute_scale,
+                method,
+                tol,
+                maxiter,
+                preconditioner,
+                rank,
+                memory_limit,
+                what,
             )
-        alpha = res.x.numpy()
-        info.update(iterations=res.iterations, residual=res.residual)
-    mean = (test_op if test_op is not None else op).matmat(np.ascontiguousarray(alpha))
-    m = mean.shape[0]
-    out = torch.from_numpy(mean.reshape((m,) + out_shape))
-    out = out.to(torch.float32 if op.dtype == np.float32 else torch.float64)
-    return (out, info) if return_info else out
+        return solvers[key]
+
+    alphas: dict[str, np.ndarray] = {}
+
+    def alpha(name: str) -> np.ndarray:
+        key = "shared" if shared else name
+        if key not in alphas:
+            alphas[key] = solver(name).solve(y)
+        return alphas[key]
+
+    def predict_fn(get: Any, k_test_train: Any = None, k_test_test: Any = None) -> Any:
+        names = (get,) if isinstance(get, str) else tuple(get)
+        if not names or any(g not in ("nngp", "ntk", "ntkgp") for g in names):
+            raise ValueError(f"{_FN}: get must be 'nngp', 'ntk', 'ntkgp' or a tuple, got {get!r}.")
+        if k_test_test is not None and k_test_train is None:
+            raise ValueError(
+                f"{_FN}: k_test_test was given without k_test_train; pass both for test "
+                "covariances (k_test_train=k_train_train for the train set)."
+            )
+        dtype = train_op(_first_field(k_train_train) if not shared else "nngp").dtype
+        results: dict[str, Any] = {}
+        for g in names:
+            kname = "nngp" if g == "nngp" else "ntk"
+            kx = _test_operator(k_test_train, kname, n) or train_op(kname)
+            mean = _finish(kx.matmat(alpha(kname)), out_shape, dtype)
+            if k_test_test is None:
+                results[g] = mean
+                continue
+            kx_dense_t = np.ascontiguousarray(kx.load().T)  # (N, M)
+            if g in ("nngp", "ntkgp"):
+                kxx = as_operator(k_test_test, kname, "k_test_test").load()
+                cov = kxx - kx_dense_t.T @ solver(kname).solve(kx_dense_t)
+            else:
+                kx_nngp = _test_operator(k_test_train, "nngp", n) or train_op("nngp")
+                kxx = as_operator(k_test_test, "nngp", "k_test_test").load()
+                k_nngp_t = np.ascontiguousarray(kx_nngp.load().T)  # K(X, x), (N, M)
+                a_t = solver("ntk").solve(kx_dense_t)  # Th_r^{-1} Th(X, x) = A^T
+                cross = a_t.T @ k_nngp_t  # A K(X, x)
+                nngp_solver = solver("nngp")
+                k_r_a_t = train_op("nngp").matmat(a_t) + nngp_solver.ridge * a_t
+                cov = kxx - cross - cross.T + a_t.T @ k_r_a_t
+            cov = 0.5 * (cov + cov.T)
+            results[g] = _gaussian(mean, torch.from_numpy(cov).to(mean.dtype))
+        if isinstance(get, str):
+            return results[get]
+        return _predictions_type(names)(*(results[g] for g in names))
+
+    return predict_fn
+
+
+def _first_field(k: Any) -> str:
+    from infnets._src.distributed_store import KernelStore
+
+    if isinstance(k, (str, os.PathLike)):
+        k = KernelStore(k)
+    if isinstance(k, KernelStore):
+        return k.names[0]
+    return "nngp" if getattr(k, "nngp", None) is not None else "ntk"
+
+
+def _predictions_type(names: tuple[str, ...]) -> Any:
+    try:
+        from infnets._src.predict_common import predictions_type
+    except ImportError:  # pragma: no cover - predict is part of infnets
+        from infnets._src.inputs import kernel_tuple_type as predictions_type
+    return predictions_type(names)
+
+
+def _gaussian(mean: torch.Tensor, cov: torch.Tensor) -> Any:
+    try:
+        from infnets._src.predict_common import Gaussian
+    except ImportError:  # pragma: no cover - predict is part of infnets
+        import collections
+
+        Gaussian = collections.namedtuple("Gaussian", ["mean", "covariance"])  # noqa: N806
+    return Gaussian(mean, cov)

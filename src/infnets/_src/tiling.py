@@ -55,6 +55,9 @@ BUDGET_FRACTION = 0.5
 PROGRESS_DELAY_S = 5.0
 #: inputs with at most this many channels use elementwise products (exact layouts agree)
 SMALL_CHANNELS = 8
+#: on CPUs, spatial kernels are computed in tiles of about this many covariance entries
+#: per example pair block (~4 MiB in float64), so that every pass over them stays in cache
+CACHE_TILE_ENTRIES = 1 << 19
 
 
 # ------------------------------------------------------------- input kernel
@@ -332,6 +335,20 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _cache_side(x1: Tensor, full_input: bool, pairs: int) -> int:
+    """Examples per tile side keeping a tile's covariances in cache (CPU, spatial inputs).
+
+    Problems of at most two cache tiles are not split.
+    """
+    if x1.ndim <= 2 or x1.device.type != "cpu":
+        return 1 << 62
+    positions = math.prod(x1.shape[2:])
+    per_pair = positions * positions if full_input else positions
+    if pairs * per_pair <= 2 * CACHE_TILE_ENTRIES:
+        return 1 << 62
+    return max(1, math.isqrt(CACHE_TILE_ENTRIES // per_pair))
+
+
 # ------------------------------------------------------------------ evaluate
 def _single(
     layer: Layer, x1: Tensor, x2: Tensor | None, need_ntk: bool, full_in: bool, out_full: Any
@@ -436,7 +453,8 @@ def kernel_fn(
             "inputs, or avoid pooling (Flatten needs no pixel pairs)."
         )
     pairs = n1 * (n1 + 1) // 2 if x2 is None and n1 >= PACK_MIN_EXAMPLES else n1 * n2
-    if batch_size is None and pairs * per_pair <= budget:
+    cache_side = _cache_side(x1, full_in, pairs)
+    if batch_size is None and pairs * per_pair <= budget and cache_side >= max(n1, n2):
         return select(_single(layer, x1, x2, need_ntk, full_in, out_full), get)
 
     # ------------------------------------------------------------- tiled
@@ -451,7 +469,7 @@ def kernel_fn(
                 f"{_human(out_per_pair)} each, needs more than the memory budget of "
                 f"{_human(budget)}; compute it in row blocks (x1[i:j]) or raise memory_budget."
             )
-        side = max(1, int(math.isqrt(int(avail // per_pair))))
+        side = min(max(1, int(math.isqrt(int(avail // per_pair)))), cache_side)
     else:
         side = batch_size
     return select(_tiled(layer, x1, x2, need_ntk, full_in, out_full, side, progress), get)

@@ -1,0 +1,250 @@
+"""Kernel matrices on Dask: scaling with workers and overhead over a plain tiled loop.
+
+Problem (issue "Scale", speed): five ``Dense(512, W_std=1.4, b_std=0.1) -> Relu``
+blocks and a ``Dense(1)`` readout, NNGP and NTK (``get=('nngp', 'ntk')``), float64,
+``x1`` and ``x2`` of ``N = 8 * tile`` inputs of dimension 64 each, so the matrix is
+8 x 8 = 64 tiles (``tile = 512``: N = 4096, a 4096 x 4096 matrix per kernel).
+
+Measured, each the best and the median of ``--repeats`` runs after a warm-up:
+
+* ``loop``: a plain in-process loop over the 64 tiles calling the same tile
+  function (``infnets._src.distributed_tiles.compute_tile``) and filling two
+  preallocated ``(N, N)`` arrays, at 1 torch thread (and at ``--workers`` threads);
+* ``dask-K``: :func:`infnets.distributed.kernel_matrix` on a ``LocalCluster`` of K
+  single-threaded worker *processes* (one torch thread per task), either kept on
+  the workers (``persist``: what Dask linear algebra / CG then uses) or gathered
+  into the driver's memory (``gather``: adds moving 16 bytes per entry between
+  processes and assembling the blocks);
+* ``store-K``: :func:`infnets.distributed.compute_kernel` into a zarr store on
+  local disk (workers compress and write their tiles, markers, checksums).
+
+Figures reported: throughput in tiles/s, the speed-up of 2 workers over 1, and the
+overhead of ``dask-1`` over ``loop`` at 1 thread (same work, same thread count).
+The machine's load average is printed too: on a shared machine other processes
+take cores and distort the scaling figure.
+
+Run::
+
+    python benchmarks/bench_distributed.py                 # tile 512, 1 and 2 workers
+    python benchmarks/bench_distributed.py --tile 256 --repeats 2   # quicker
+
+Multi-node clusters
+-------------------
+Any ``distributed.Client`` works: create it, then call the same functions (or pass
+``--scheduler`` to ``infnets kernel``). The store must be on a filesystem every
+worker mounts (NFS, Lustre, a shared volume), since workers write their tiles.
+
+SLURM with dask-jobqueue (one single-GPU worker per job)::
+
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+    from infnets import distributed, stax
+
+    cluster = SLURMCluster(cores=8, processes=1, memory="64GB", walltime="04:00:00",
+                           job_extra_directives=["--gres=gpu:1"])
+    cluster.scale(jobs=16)                       # 16 GPUs
+    client = Client(cluster)
+    net = stax.serial(stax.Dense(512, W_std=1.4), stax.Relu(), stax.Dense(1))
+    distributed.compute_kernel(net, x, None, ("nngp", "ntk"),
+                               store="/shared/K.zarr", tile=2048, client=client,
+                               progress=True)    # rerun the same line to resume
+
+Kubernetes with dask-kubernetes (image with ``pip install 'infnets[distributed]'``)::
+
+    from dask_kubernetes.operator import KubeCluster
+    cluster = KubeCluster(name="infnets", image="my-registry/infnets:latest",
+                          resources={"limits": {"nvidia.com/gpu": "1"}}, n_workers=8)
+    client = Client(cluster)                     # then as above, store on a shared PVC
+
+Or by hand, from the command line::
+
+    dask scheduler                                       # on the head node
+    dask worker tcp://head:8786 --nthreads 1 --nworkers 1  # on each node, per GPU
+    infnets kernel --arch @arch.txt --x1 x.npy --out /shared/K.zarr \\
+        --tile 2048 --scheduler tcp://head:8786            # rerun to resume
+    python benchmarks/bench_distributed.py --scheduler tcp://head:8786
+
+With ``--scheduler`` this script times the remote cluster (all its workers) against
+the local loop instead of starting local clusters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from infnets import distributed, stax
+from infnets._src.distributed_tiles import TileGrid, compute_tile
+
+GET = ("nngp", "ntk")
+
+
+def architecture() -> Any:
+    layers: list[Any] = []
+    for _ in range(5):
+        layers += [stax.Dense(512, W_std=1.4, b_std=0.1), stax.Relu()]
+    layers.append(stax.Dense(1, W_std=1.4, b_std=0.1))
+    return stax.serial(*layers)
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(best, median) seconds of ``repeats`` calls (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
+
+
+def plain_loop(net: Any, x1: np.ndarray, x2: np.ndarray, tile: int, threads: int) -> None:
+    """The reference: a Python loop over tiles, no Dask, ``threads`` torch threads."""
+    grid = TileGrid(len(x1), len(x2), tile, symmetric=False)
+    out = {n: np.empty((grid.n1, grid.n2)) for n in GET}
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i, j in grid.tiles():
+            t = compute_tile(net, x1[grid.rows(i)], x2[grid.cols(j)], GET, "cpu", threads)
+            for n in GET:
+                out[n][grid.rows(i), grid.cols(j)] = t[n]
+    finally:
+        torch.set_num_threads(saved)
+
+
+def dask_run(client: Any, net: Any, x1: np.ndarray, x2: np.ndarray, tile: int, mode: str) -> None:
+    k = distributed.kernel_matrix(net, x1, x2, GET, tile=tile, client=client, torch_threads=1)
+    if mode == "persist":
+        from distributed import futures_of, wait
+
+        arrays = client.persist([k.nngp, k.ntk])
+        wait(futures_of(arrays))
+        del arrays
+    else:
+        client.compute([k.nngp, k.ntk], sync=True)
+
+
+def store_run(client: Any, net: Any, x1: np.ndarray, x2: np.ndarray, tile: int) -> None:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        distributed.compute_kernel(
+            net, x1, x2, GET, store=Path(d) / "K.zarr", tile=tile, client=client, torch_threads=1
+        )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--tiles-per-axis", type=int, default=8, help="8: 64 tiles")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="largest local cluster timed")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scheduler", help="time this remote cluster instead of local ones")
+    p.add_argument("--no-store", action="store_true", help="skip the zarr store runs")
+    args = p.parse_args()
+
+    from distributed import Client, LocalCluster
+
+    net = architecture()
+    n = args.tile * args.tiles_per_axis
+    rng = np.random.default_rng(0)
+    x1 = rng.standard_normal((n, args.dim))
+    x2 = rng.standard_normal((n, args.dim))
+    tiles = args.tiles_per_axis**2
+    print(
+        f"# bench_distributed: {platform.platform()}, python {platform.python_version()}, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"# problem: N1 = N2 = {n}, d = {args.dim}, tile {args.tile}, {tiles} tiles, "
+        f"get {GET}, float64; best / median of {args.repeats}"
+    )
+    results: dict[str, tuple[float, float]] = {}
+
+    def report(name: str, best: float, median: float) -> None:
+        results[name] = (best, median)
+        print(
+            f"{name:<22} {best:8.2f} s  {median:8.2f} s   {tiles / best:7.2f} tiles/s", flush=True
+        )
+
+    print(f"{'path':<22} {'best':>10} {'median':>10}   {'throughput':>13}")
+    loop_threads = sorted({1, args.workers})
+    for th in loop_threads:
+        plain_loop(net, x1[: args.tile], x2[: args.tile], args.tile, th)  # warm-up
+        report(
+            f"loop {th} thread" + ("s" if th > 1 else ""),
+            *timed(lambda th=th: plain_loop(net, x1, x2, args.tile, th), args.repeats),
+        )
+
+    def clusters() -> Any:
+        if args.scheduler:
+            yield "remote", Client(args.scheduler), None
+            return
+        for k in sorted({1, args.workers}):
+            cluster = LocalCluster(
+                n_workers=k,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=40,
+            )
+            yield str(k), Client(cluster), cluster
+
+    for label, client, cluster in clusters():
+        try:
+            dask_run(
+                client, net, x1[: 2 * args.tile], x2[: 2 * args.tile], args.tile, "persist"
+            )  # warm-up: imports and first tiles on every worker
+            for mode in ("persist", "gather"):
+                report(
+                    f"dask-{label} {mode}",
+                    *timed(
+                        lambda c=client, m=mode: dask_run(c, net, x1, x2, args.tile, m),
+                        args.repeats,
+                    ),
+                )
+            if not args.no_store:
+                report(
+                    f"store-{label}",
+                    *timed(lambda c=client: store_run(c, net, x1, x2, args.tile), args.repeats),
+                )
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+    print("# load average after:", f"{os.getloadavg()[0]:.1f}")
+    loop1 = results["loop 1 thread"][0]
+    if "dask-1 persist" in results:
+        for mode in ("persist", "gather"):
+            one = results[f"dask-1 {mode}"][0]
+            print(f"overhead dask-1 {mode} over loop at 1 thread: {100 * (one / loop1 - 1):+.1f} %")
+        if args.workers > 1:
+            for mode in ("persist", "gather"):
+                one, many = results[f"dask-1 {mode}"][0], results[f"dask-{args.workers} {mode}"][0]
+                print(f"speed-up {args.workers} workers / 1 worker ({mode}): {one / many:.2f}x")
+            if not args.no_store:
+                one, many = results["store-1"][0], results[f"store-{args.workers}"][0]
+                print(f"speed-up {args.workers} workers / 1 worker (store): {one / many:.2f}x")
+            loopk = results[f"loop {args.workers} threads"][0]
+            many = results[f"dask-{args.workers} persist"][0]
+            print(
+                f"dask-{args.workers} persist vs loop at {args.workers} torch threads: "
+                f"{loopk / many:.2f}x"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

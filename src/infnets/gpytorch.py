@@ -1,0 +1,242 @@
+r"""Infinite-width network kernels for GPyTorch, with learnable weight and bias variances.
+
+:class:`InfiniteWidthKernel` is a ``gpytorch.kernels.Kernel`` computing the NNGP (or NTK)
+of an :mod:`infnets.stax` architecture. The weight and bias variances
+``W_var = W_std^2`` and ``b_var = b_std^2``, shared by the architecture's affine layers,
+are positivity-constrained parameters, so an ``ExactGP`` fits them, like any GPyTorch
+hyper-parameter, by maximising the marginal likelihood (autograd differentiates
+through the kernel maps).
+
+Requires GPyTorch (``pip install "infnets[gpytorch]"``).
+
+Example:
+    >>> import torch, gpytorch
+    >>> from infnets import stax
+    >>> from infnets.gpytorch import InfiniteWidthKernel
+    >>> net = stax.serial(stax.Dense(512, W_std=1.5, b_std=0.1), stax.Relu(),
+    ...                   stax.Dense(1, W_std=1.5, b_std=0.1))
+    >>> kernel = InfiniteWidthKernel(net, get='nngp')
+    >>> x = torch.randn(5, 3)
+    >>> kernel(x).to_dense().shape
+    torch.Size([5, 5])
+    >>> float(kernel.W_var)  # 1.5 ** 2
+    2.25
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import gpytorch
+import torch
+from gpytorch.constraints import Interval, Positive
+from gpytorch.priors import Prior
+from torch import Tensor
+
+from infnets._src import layer_hyper as lh
+from infnets._src.layer import Layer
+
+__all__ = ["InfiniteWidthKernel"]
+
+_GETS = ("nngp", "ntk")
+
+
+class InfiniteWidthKernel(gpytorch.kernels.Kernel):
+    r"""NNGP or NTK of an infinite network, with learnable ``W_var`` and ``b_var``.
+
+    For an architecture whose affine layers share ``W_std = sqrt(W_var)`` and
+    ``b_std = sqrt(b_var)``, ``k(x, x')`` is the NNGP covariance (``get='nngp'``, Lee
+    et al. 2018, "Deep neural networks as Gaussian processes") or the neural tangent
+    kernel (``get='ntk'``, Jacot et al. 2018). E.g. one ReLU hidden layer gives
+    ``k(x, x') = W_var sqrt(q q') / (2 pi) (sin t + (pi - t) cos t) + b_var`` with
+    ``q = W_var x.x / d + b_var`` and ``cos t`` the correlation of the pre-activations
+    (Cho & Saul 2009).
+
+    The variances are stored as raw parameters ``raw_W_var``/``raw_b_var`` mapped
+    through a positivity constraint (``Positive()`` by default), GPyTorch's pattern for
+    ``lengthscale`` and ``outputscale``. Inputs are ``(..., N, D)``; leading batch axes
+    are looped over. When ``x1`` and ``x2`` are the same tensor the symmetric kernel
+    is computed once (exactly symmetric, about half the work).
+
+    Args:
+        layer: an infnets layer (all its affine layers use the shared variances; those
+            without a bias keep none) or a factory ``layer_fn(W_std, b_std) -> Layer``.
+        get: ``'nngp'`` or ``'ntk'``.
+        W_std: initial weight standard deviation; ``None`` reads it from the first
+            affine layer of ``layer`` (required with a factory).
+        b_std: initial bias standard deviation; ``None`` reads it from ``layer``; no
+            ``b_var`` parameter when the result is ``None`` (no biases).
+        input_shape: per-example shape the ``D`` features are reshaped to, e.g.
+            ``(1, 8, 8)`` for a convolutional ``layer``.
+        W_var_constraint: constraint of ``W_var`` (default ``Positive()``).
+        b_var_constraint: constraint of ``b_var`` (default ``Positive()``).
+        W_var_prior: optional GPyTorch prior on ``W_var``.
+        b_var_prior: optional GPyTorch prior on ``b_var``.
+        **kwargs: passed to ``gpytorch.kernels.Kernel`` (e.g. ``active_dims``).
+
+    Example:
+        >>> import torch, gpytorch
+        >>> from infnets import stax
+        >>> from infnets.gpytorch import InfiniteWidthKernel
+        >>> class GP(gpytorch.models.ExactGP):
+        ...     def __init__(self, x, y, likelihood):
+        ...         super().__init__(x, y, likelihood)
+        ...         self.mean_module = gpytorch.means.ZeroMean()
+        ...         self.covar_module = InfiniteWidthKernel(
+        ...             stax.serial(stax.Dense(1, W_std=1.0, b_std=0.1), stax.Erf(),
+        ...                         stax.Dense(1, W_std=1.0, b_std=0.1)))
+        ...     def forward(self, x):
+        ...         return gpytorch.distributions.MultivariateNormal(
+        ...             self.mean_module(x), self.covar_module(x))
+        >>> x = torch.linspace(-2, 2, 20)[:, None]; y = torch.tanh(3 * x[:, 0])
+        >>> model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood())
+        >>> sorted(name for name, _ in model.covar_module.named_parameters())
+        ['raw_W_var', 'raw_b_var']
+    """
+
+    has_lengthscale = False
+
+    def __init__(
+        self,
+        layer: lh.LayerSpec,
+        get: str = "nngp",
+        W_std: float | None = None,  # noqa: N803 - the papers' names
+        b_std: float | None = None,
+        input_shape: Sequence[int] | None = None,
+        W_var_constraint: Interval | None = None,  # noqa: N803
+        b_var_constraint: Interval | None = None,
+        W_var_prior: Prior | None = None,  # noqa: N803
+        b_var_prior: Prior | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        who = "InfiniteWidthKernel"
+        if get not in _GETS:
+            raise ValueError(f"{who}: get must be 'nngp' or 'ntk', got {get!r}.")
+        if len(self.batch_shape) != 0:
+            raise ValueError(f"{who}: batch_shape is not supported; use one kernel per task.")
+        if isinstance(layer, Layer) and (W_std is None or b_std is None):
+            w0, b0 = lh.read_stds(layer, who)
+            W_std = w0 if W_std is None else W_std  # noqa: N806
+            b_std = b0 if b_std is None else b_std
+        elif not isinstance(layer, Layer) and not callable(layer):
+            raise TypeError(
+                f"{who}: layer must be an infnets layer or a factory layer_fn(W_std, b_std), "
+                f"got {type(layer).__name__}."
+            )
+        if W_std is None:
+            raise ValueError(f"{who}: pass W_std when layer is a factory.")
+        self.layer_spec = layer
+        self.get = get
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.has_bias = b_std is not None
+
+        self._add_variance("W_var", float(W_std) ** 2, W_var_constraint, W_var_prior)
+        if b_std is not None:
+            self._add_variance("b_var", float(b_std) ** 2, b_var_constraint, b_var_prior)
+
+    def _add_variance(
+        self, name: str, value: float, constraint: Interval | None, prior: Prior | None
+    ) -> None:
+        raw = "raw_" + name
+        self.register_parameter(raw, torch.nn.Parameter(torch.zeros(())))
+        self.register_constraint(raw, Positive() if constraint is None else constraint)
+        if prior is not None:
+            self.register_prior(
+                f"{name}_prior",
+                prior,
+                lambda m, n=name: getattr(m, n),
+                lambda m, v, n=name: m._set_variance(n, v),
+            )
+        self._set_variance(name, value)
+
+    def _set_variance(self, name: str, value: Any) -> None:
+        raw = getattr(self, "raw_" + name)
+        if not torch.is_tensor(value):
+            value = torch.as_tensor(value, dtype=raw.dtype, device=raw.device)
+        constraint = getattr(self, f"raw_{name}_constraint")
+        self.initialize(**{"raw_" + name: constraint.inverse_transform(value.to(raw))})
+
+    # ------------------------------------------------------------ variances
+    @property
+    def W_var(self) -> Tensor:  # noqa: N802 - the papers' names
+        """The weight variance ``W_std^2`` (a positive scalar tensor)."""
+        return self.raw_W_var_constraint.transform(self.raw_W_var)
+
+    @W_var.setter
+    def W_var(self, value: Any) -> None:  # noqa: N802
+        self._set_variance("W_var", value)
+
+    @property
+    def b_var(self) -> Tensor | None:
+        """The bias variance ``b_std^2`` (``None`` when the architecture has no bias)."""
+        if not self.has_bias:
+            return None
+        return self.raw_b_var_constraint.transform(self.raw_b_var)
+
+    @b_var.setter
+    def b_var(self, value: Any) -> None:
+        if not self.has_bias:
+            raise AttributeError("InfiniteWidthKernel: this architecture has no bias variance.")
+        self._set_variance("b_var", value)
+
+    def layer(self) -> Layer:
+        """The architecture with the current ``W_std``/``b_std`` (tensors, differentiable)."""
+        b_var = self.b_var
+        return lh.build_layer(
+            self.layer_spec,
+            self.W_var.sqrt(),
+            None if b_var is None else b_var.sqrt(),
+            "InfiniteWidthKernel",
+        )
+
+    # --------------------------------------------------------------- kernel
+    def forward(
+        self,
+        x1: Tensor,
+        x2: Tensor,
+        diag: bool = False,
+        last_dim_is_batch: bool = False,
+        **params: Any,
+    ) -> Tensor:
+        """The ``(..., N1, N2)`` kernel matrix (``(..., N1)`` with ``diag=True``).
+
+        Args:
+            x1: ``(..., N1, D)`` inputs.
+            x2: ``(..., N2, D)`` inputs.
+            diag: return only ``k(x1_i, x2_i)``.
+            last_dim_is_batch: not supported (raises).
+            **params: ignored (GPyTorch's protocol).
+
+        Returns:
+            The kernel values, in the inputs' dtype.
+        """
+        if last_dim_is_batch:
+            raise NotImplementedError("InfiniteWidthKernel does not support last_dim_is_batch.")
+        layer = self.layer()
+        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+        if batch:
+            x1b = x1.expand(*batch, *x1.shape[-2:]).reshape(-1, *x1.shape[-2:])
+            x2b = x2.expand(*batch, *x2.shape[-2:]).reshape(-1, *x2.shape[-2:])
+            outs = [self._single(layer, a, b, diag) for a, b in zip(x1b, x2b)]
+            out = torch.stack(outs)
+            return out.reshape(*batch, *out.shape[1:])
+        return self._single(layer, x1, x2, diag)
+
+    def _single(self, layer: Layer, x1: Tensor, x2: Tensor, diag: bool) -> Tensor:
+        same = x1 is x2 or (x1.shape == x2.shape and bool(torch.equal(x1, x2)))
+        a = lh.reshape_inputs(x1, self.input_shape, "InfiniteWidthKernel")
+        if diag:
+            if same:
+                return lh.kernel_diag(layer, a, self.get)
+            b = lh.reshape_inputs(x2, self.input_shape, "InfiniteWidthKernel")
+            if a.shape[0] != b.shape[0]:
+                raise RuntimeError("InfiniteWidthKernel: diag=True needs x1 and x2 of equal size.")
+            parts = [
+                lh.kernel_matrix(layer, a[lo : lo + 128], b[lo : lo + 128], self.get).diagonal()
+                for lo in range(0, a.shape[0], 128)
+            ]
+            return torch.cat(parts)
+        b = None if same else lh.reshape_inputs(x2, self.input_shape, "InfiniteWidthKernel")
+        return lh.kernel_matrix(layer, a, b, self.get)
