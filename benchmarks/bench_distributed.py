@@ -98,14 +98,27 @@ def architecture() -> Any:
     return stax.serial(*layers)
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """(best, median) seconds of ``repeats`` calls (after the caller's warm-up)."""
-    times = []
+def _worker_cpu(client: Any) -> float:
+    """CPU seconds used so far by every worker process of ``client`` (0 without one)."""
+    if client is None:
+        return 0.0
+    return float(sum(client.run(time.process_time).values()))
+
+
+def timed(fn: Callable[[], Any], repeats: int, client: Any = None) -> list[tuple[float, float]]:
+    """``(wall, cpu)`` seconds of each of ``repeats`` calls (after the caller's warm-up).
+
+    ``cpu`` is the CPU time of this process (driver, scheduler, nannies) plus that
+    of every worker process: the work done, whatever else runs on the machine.
+    """
+    out = []
     for _ in range(repeats):
+        c0 = time.process_time() + _worker_cpu(client)
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)
+        wall = time.perf_counter() - t0
+        out.append((wall, time.process_time() + _worker_cpu(client) - c0))
+    return out
 
 
 def plain_loop(net: Any, x1: np.ndarray, x2: np.ndarray, tile: int, threads: int) -> None:
@@ -153,7 +166,7 @@ def main() -> int:
     p.add_argument("--no-store", action="store_true", help="skip the zarr store runs")
     args = p.parse_args()
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     net = architecture()
     n = args.tile * args.tiles_per_axis
@@ -170,21 +183,26 @@ def main() -> int:
         f"# problem: N1 = N2 = {n}, d = {args.dim}, tile {args.tile}, {tiles} tiles, "
         f"get {GET}, float64; best / median of {args.repeats}"
     )
-    results: dict[str, tuple[float, float]] = {}
+    results: dict[str, tuple[float, float, float, float]] = {}
 
-    def report(name: str, best: float, median: float) -> None:
-        results[name] = (best, median)
+    def report(name: str, runs: list[tuple[float, float]]) -> None:
+        walls, cpus = [w for w, _ in runs], [c for _, c in runs]
+        best, median = min(walls), statistics.median(walls)
+        cpu_best, cpu_median = min(cpus), statistics.median(cpus)
+        results[name] = (best, median, cpu_best, cpu_median)
         print(
-            f"{name:<22} {best:8.2f} s  {median:8.2f} s   {tiles / best:7.2f} tiles/s", flush=True
+            f"{name:<20} {best:7.2f} {median:7.2f}   {tiles / best:6.2f}   "
+            f"{cpu_best:7.2f} {cpu_median:7.2f}",
+            flush=True,
         )
 
-    print(f"{'path':<22} {'best':>10} {'median':>10}   {'throughput':>13}")
+    print(f"{'path':<20} {'wall s (best, median)':>15}  tiles/s   {'CPU s (best, median)':>15}")
     loop_threads = sorted({1, args.workers})
     for th in loop_threads:
         plain_loop(net, x1[: args.tile], x2[: args.tile], args.tile, th)  # warm-up
         report(
             f"loop {th} thread" + ("s" if th > 1 else ""),
-            *timed(lambda th=th: plain_loop(net, x1, x2, args.tile, th), args.repeats),
+            timed(lambda th=th: plain_loop(net, x1, x2, args.tile, th), args.repeats),
         )
 
     def clusters() -> Any:
@@ -192,32 +210,30 @@ def main() -> int:
             yield "remote", Client(args.scheduler), None
             return
         for k in sorted({1, args.workers}):
-            cluster = LocalCluster(
-                n_workers=k,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=":0",
-                silence_logs=40,
-            )
+            cluster = distributed.local_cluster(k, processes=True)
             yield str(k), Client(cluster), cluster
 
     for label, client, cluster in clusters():
         try:
-            dask_run(
-                client, net, x1[: 2 * args.tile], x2[: 2 * args.tile], args.tile, "persist"
-            )  # warm-up: imports and first tiles on every worker
+            # warm-up: imports and first tiles on every worker
+            dask_run(client, net, x1[: 2 * args.tile], x2[: 2 * args.tile], args.tile, "persist")
             for mode in ("persist", "gather"):
                 report(
                     f"dask-{label} {mode}",
-                    *timed(
+                    timed(
                         lambda c=client, m=mode: dask_run(c, net, x1, x2, args.tile, m),
                         args.repeats,
+                        client,
                     ),
                 )
             if not args.no_store:
                 report(
                     f"store-{label}",
-                    *timed(lambda c=client: store_run(c, net, x1, x2, args.tile), args.repeats),
+                    timed(
+                        lambda c=client: store_run(c, net, x1, x2, args.tile),
+                        args.repeats,
+                        client,
+                    ),
                 )
         finally:
             client.close()
@@ -225,24 +241,23 @@ def main() -> int:
                 cluster.close()
 
     print("# load average after:", f"{os.getloadavg()[0]:.1f}")
-    loop1 = results["loop 1 thread"][0]
-    if "dask-1 persist" in results:
-        for mode in ("persist", "gather"):
-            one = results[f"dask-1 {mode}"][0]
-            print(f"overhead dask-1 {mode} over loop at 1 thread: {100 * (one / loop1 - 1):+.1f} %")
-        if args.workers > 1:
-            for mode in ("persist", "gather"):
-                one, many = results[f"dask-1 {mode}"][0], results[f"dask-{args.workers} {mode}"][0]
-                print(f"speed-up {args.workers} workers / 1 worker ({mode}): {one / many:.2f}x")
-            if not args.no_store:
-                one, many = results["store-1"][0], results[f"store-{args.workers}"][0]
-                print(f"speed-up {args.workers} workers / 1 worker (store): {one / many:.2f}x")
-            loopk = results[f"loop {args.workers} threads"][0]
-            many = results[f"dask-{args.workers} persist"][0]
-            print(
-                f"dask-{args.workers} persist vs loop at {args.workers} torch threads: "
-                f"{loopk / many:.2f}x"
-            )
+    loop1 = results["loop 1 thread"]
+    k = args.workers
+    for name in ("dask-1 persist", "dask-1 gather", "store-1"):
+        if name in results:
+            wall = 100 * (results[name][0] / loop1[0] - 1)
+            cpu = 100 * (results[name][2] / loop1[2] - 1)
+            print(f"overhead {name} over loop at 1 thread: wall {wall:+.1f} %, CPU {cpu:+.1f} %")
+    for one, many in (
+        ("dask-1 persist", f"dask-{k} persist"),
+        ("dask-1 gather", f"dask-{k} gather"),
+        ("store-1", f"store-{k}"),
+    ):
+        if k > 1 and one in results and many in results:
+            print(f"speed-up {many} / {one}: {results[one][0] / results[many][0]:.2f}x wall")
+    if k > 1 and f"dask-{k} persist" in results:
+        ratio = results[f"loop {k} threads"][0] / results[f"dask-{k} persist"][0]
+        print(f"dask-{k} persist vs loop at {k} torch threads: {ratio:.2f}x wall")
     return 0
 
 

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from infnets._src.arch_parser import ArchError, parse_arch, read_arch
-from infnets._src.distributed_dask import close_embedded_client, embedded_client
+from infnets._src.distributed_dask import close_embedded_client, embedded_client, local_cluster
 from infnets._src.distributed_dask import kernel_matrix as _kernel_matrix
 from infnets._src.distributed_store import (
     KernelStore,
@@ -72,6 +72,7 @@ __all__ = [
     "embedded_client",
     "gp_inference",
     "kernel_matrix",
+    "local_cluster",
     "multi_device_kernel",
     "open_kernel_store",
     "parse_arch",

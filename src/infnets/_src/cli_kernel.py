@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -207,15 +206,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.workers == 0:
         client = "threads"
     elif args.workers is not None:
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
-        cluster = LocalCluster(
-            n_workers=args.workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        )
+        from infnets._src.distributed_dask import local_cluster
+
+        cluster = local_cluster(args.workers, processes=True)
         client = Client(cluster)
     else:
         client = None  # embedded cluster sized to the machine

@@ -273,11 +273,42 @@ def _sum(ts: list[Tensor | None]) -> Tensor | None:
     return out
 
 
+def _check_exact(ks: list[Kernel], layer: Layer, centred: bool) -> None:
+    """Refuse joins whose cross-branch terms do not vanish in the infinite-width limit.
+
+    Unit ``i`` of two branches ending in different affine layers depends on
+    different weight rows, so the branches are independent unit by unit as the
+    width grows (the features they share concentrate). Cross covariances
+    ``E[a_i(x) b_i(x')] = E[a_i(x)] E[b_i(x')]`` then vanish when one branch is
+    centred, and cross NTK terms vanish because the weight rows are independent.
+    """
+    for i in range(len(ks)):
+        for j in range(i + 1, len(ks)):
+            a, b = ks[i], ks[j]
+            if a.last_affine is b.last_affine:
+                raise ValueError(
+                    f"{layer!r}: branches {i} and {j} are the same random features unit by "
+                    "unit (neither passed through its own Dense/Conv after the FanOut), so "
+                    "their joint kernel is not a function of the branch kernels. Give at "
+                    "least one of them its own affine layer."
+                )
+            if centred and not (a.centred or b.centred):
+                raise ValueError(
+                    f"{layer!r}: branches {i} and {j} both have non-zero means (e.g. both end "
+                    "in a ReLU), so their sum has cross terms E[a] E[b] that this kernel does "
+                    "not track. End at least one branch in an affine layer (Dense/Conv) or "
+                    "an odd nonlinearity."
+                )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FanInSum(Layer):
     """Sum of branches: covariances of independent branches add.
 
     ``K = sum_i K_i`` and ``Theta = sum_i Theta_i``; Gaussian iff every branch is.
+    Exact when every pair of branches ends in different affine layers and one of
+    the two is centred (e.g. a residual block ``x + Dense(Relu(Dense(x)))``);
+    other sums raise a ``ValueError`` rather than return a wrong kernel.
     """
 
     def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
@@ -293,12 +324,15 @@ class FanInSum(Layer):
         ks: list[Kernel] = _branches(k, self, "kernel")
         _same_shapes([kk.shape1 for kk in ks], self)
         ks = _join_meta(ks, self)
+        _check_exact(ks, self, centred=True)
         return ks[0].replace(
             nngp=_sum([kk.nngp for kk in ks]),
             ntk=_sum([kk.ntk for kk in ks]),
             cov1=_sum([kk.cov1 for kk in ks]),
             cov2=_sum([kk.cov2 for kk in ks]),
             is_gaussian=all(kk.is_gaussian for kk in ks),
+            last_affine=None,
+            centred=all(kk.centred for kk in ks),
         )
 
 
@@ -306,10 +340,11 @@ class FanInSum(Layer):
 class FanInProd(Layer):
     """Elementwise product of branches.
 
-    For independent centred branches ``E[prod_i f_i(x) prod_i f_i(x')] =
-    prod_i K_i(x, x')``, and by the product rule ``Theta = sum_i Theta_i
-    prod_{j != i} K_j``. The product of Gaussians is not Gaussian, so a
-    nonlinearity may not follow it directly.
+    For branches ending in different affine layers (independent unit by unit at
+    infinite width) ``E[prod_i f_i(x) prod_i f_i(x')] = prod_i K_i(x, x')``, and
+    by the product rule ``Theta = sum_i Theta_i prod_{j != i} K_j``. Products of
+    branches sharing their last affine layer raise a ``ValueError``. The product
+    of Gaussians is not Gaussian, so a nonlinearity may not follow it directly.
     """
 
     def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
@@ -325,6 +360,7 @@ class FanInProd(Layer):
         ks: list[Kernel] = _branches(k, self, "kernel")
         _same_shapes([kk.shape1 for kk in ks], self)
         ks = _join_meta(ks, self)
+        _check_exact(ks, self, centred=False)
         nngps = [kk.nngp for kk in ks]
         nngp = math.prod(nngps[1:], start=nngps[0])
         ntk = None
@@ -338,7 +374,15 @@ class FanInProd(Layer):
         cov2 = None
         if ks[0].cov2 is not None:
             cov2 = math.prod([kk.cov2 for kk in ks[1:]], start=ks[0].cov2)
-        return ks[0].replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
+        return ks[0].replace(
+            nngp=nngp,
+            ntk=ntk,
+            cov1=cov1,
+            cov2=cov2,
+            is_gaussian=False,
+            last_affine=None,
+            centred=any(kk.centred for kk in ks),
+        )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -414,4 +458,6 @@ class FanInConcat(Layer):
             shape1=tuple(shape1),
             shape2=tuple(shape2),
             is_gaussian=all(kk.is_gaussian for kk in ks),
+            last_affine=None,
+            centred=all(kk.centred for kk in ks),
         )

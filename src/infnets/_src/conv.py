@@ -160,7 +160,7 @@ def window_sum(
 ) -> Tensor:
     r"""Window sums along ``dims``, all shifted by the same offset.
 
-    ``out[..., o, ..., o', ...] = shift + scale sum_{f < k} t_pad[..., s o + f, ..., s o' + f, ...]``
+    ``out[.., o, .., o', ..] = shift + scale sum_{f < k} t_pad[.., s o + f, .., s o' + f, ..]``
     where ``t_pad`` is ``t`` padded by ``(lo, hi)`` zeros (or wrapped) on each of
     ``dims``. With two dims (an interleaved ``(s_a, s_a')`` pair) this is the
     convolution of a full spatial covariance; with one dim the box sum of pooling
@@ -284,7 +284,7 @@ def pad_input(x: Tensor, geoms: Sequence[AxisGeometry]) -> Tensor:
 
 
 def scale_shift(t: Tensor, scale: Any, shift: Any, fresh: bool) -> Tensor:
-    """``t * scale + shift`` (``shift`` may be ``None``), in place when ``t`` is a fresh temporary."""
+    """``t * scale + shift`` (``shift`` may be ``None``), in place when ``t`` is a temporary."""
     if fresh and not sm.needs_grad(t, scale, shift):
         t = t.mul_(scale)
         return t if shift is None else t.add_(shift)
@@ -348,9 +348,7 @@ class Conv(Layer):
         fs = _ints(self.filter_shape, "Conv", "filter_shape", None)
         object.__setattr__(self, "filter_shape", fs)
         if self.strides is not None:
-            object.__setattr__(
-                self, "strides", _ints(self.strides, "Conv", "strides", len(fs))
-            )
+            object.__setattr__(self, "strides", _ints(self.strides, "Conv", "strides", len(fs)))
         object.__setattr__(self, "padding", check_padding(self.padding, "Conv"))
         object.__setattr__(self, "W_std", _inputs.check_std(self.W_std, "Conv: W_std"))
         object.__setattr__(
@@ -461,4 +459,6 @@ class Conv(Layer):
             shape1=shape(k.shape1),
             shape2=shape(k.shape2),
             is_gaussian=True,
+            last_affine=object(),
+            centred=True,
         )

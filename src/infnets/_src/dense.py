@@ -145,4 +145,6 @@ class Dense(Layer):
             shape1=out(k.shape1),
             shape2=out(k.shape2),
             is_gaussian=True,
+            last_affine=object(),
+            centred=True,
         )

@@ -134,7 +134,14 @@ class ElementwiseLayer(Layer):
                 return ntk * dot
             return dot.mul_(ntk)  # dot is a fresh temporary: reuse its memory
 
-        return k.map_covariances(nngp_map, ntk_map).replace(is_gaussian=False)
+        return k.map_covariances(nngp_map, ntk_map).replace(
+            is_gaussian=False, centred=k.centred and self.is_odd
+        )
+
+    @property
+    def is_odd(self) -> bool:
+        """Whether ``fn`` is odd (then centred inputs give centred outputs)."""
+        return False
 
 
 # --------------------------------------------------------------------- ReLU family
@@ -159,6 +166,10 @@ class ABRelu(ElementwiseLayer):
     def __post_init__(self) -> None:
         _check_floats(self, ("a", "b"))
 
+    @property
+    def is_odd(self) -> bool:
+        return self.a == self.b
+
     def fn(self, x: Tensor) -> Tensor:
         return torch.where(x > 0, self.b * x, self.a * x)
 
@@ -171,13 +182,15 @@ class ABRelu(ElementwiseLayer):
         # sqrt(t) (sqrt(1 - rho^2) + rho asin rho) = sqrt(t - c^2) + c asin(rho), so
         # K' = (2 d^2 / pi) sqrt(t - c^2) + c E[phi' phi'] and E[phi' phi'] = s^2 + (2 d^2/pi) asin.
         s2, g = ((self.a + self.b) / 2) ** 2, 2 * ((self.b - self.a) / 2) ** 2 / math.pi
-        t = q1 * q2
-        root = torch.addcmul(t, c, c, value=-1).clamp_(min=0).sqrt_()
-        # c / sqrt(q q) is exactly 1 for c = q (correctly rounded sqrt of a square);
-        # rsqrt-and-multiply is not, and errors at rho ~ 1 grow like their square root
+        # rho = c / sqrt(q1 q2) is exactly 1 for c = q1 = q2 (a correctly rounded sqrt
+        # of a square), and sqrt(1 - rho^2) then exactly 0; both maps see the same rho,
+        # since near rho = 1 rounding errors grow like their square root.
         tiny = torch.finfo(c.dtype).tiny
-        dot = torch.div(c, t.clamp_(min=tiny).sqrt_(), out=t).clamp_(-1.0, 1.0).asin_()
-        dot = dot.mul_(g).add_(s2)
+        scale = (q1 * q2).clamp_(min=tiny).sqrt_()
+        rho = torch.div(c, scale).clamp_(-1.0, 1.0)
+        root = torch.addcmul(torch.ones_like(rho), rho, rho, value=-1).clamp_(min=0).sqrt_()
+        root = root.mul_(scale)
+        dot = rho.asin_().mul_(g).add_(s2)
         nngp = root.mul_(g).addcmul_(c, dot)
         return nngp, dot if need_dot else None
 
@@ -252,6 +265,10 @@ class Sign(ElementwiseLayer):
     ``E[phi' phi'] = 0`` and the NTK of the layers before it is discarded.
     """
 
+    @property
+    def is_odd(self) -> bool:
+        return True
+
     def fn(self, x: Tensor) -> Tensor:
         return torch.sign(x)
 
@@ -284,6 +301,10 @@ class Erf(ElementwiseLayer):
 
     def __post_init__(self) -> None:
         _check_floats(self, ("a", "b", "c"))
+
+    @property
+    def is_odd(self) -> bool:
+        return self.c == 0
 
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.erf(self.b * x) + self.c
@@ -402,6 +423,10 @@ class Sin(ElementwiseLayer):
     def __post_init__(self) -> None:
         _check_floats(self, ("a", "b", "c"))
 
+    @property
+    def is_odd(self) -> bool:
+        return math.sin(self.c) == 0.0 or self.a == 0
+
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.sin(self.b * x + self.c)
 
@@ -497,9 +522,9 @@ class Gaussian(ElementwiseLayer):
     def check_variances(self, k: Kernel) -> None:
         if self.b > 0:
             worst = (
-                float(k.cov1.max())
+                float(k.cov1.detach().max())
                 if k.cov2 is None
-                else float(torch.maximum(k.cov1.max(), k.cov2.max()))
+                else float(torch.maximum(k.cov1.max(), k.cov2.max()).detach())
             )
             if worst >= 1 / (4 * self.b):
                 raise ValueError(
@@ -578,6 +603,10 @@ class Polynomial(ElementwiseLayer):
 
     def __repr__(self) -> str:
         return f"Polynomial(coef={list(self.coef)})"
+
+    @property
+    def is_odd(self) -> bool:
+        return all(a == 0 for a in self.coef[0::2])
 
     def fn(self, x: Tensor) -> Tensor:
         out = torch.full_like(x, self.coef[-1])

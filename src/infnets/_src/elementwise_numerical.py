@@ -26,6 +26,10 @@ from infnets._src.elementwise import ElementwiseLayer, price_derivative
 
 __all__ = ["ElementwiseNumerical", "Elementwise", "nngp_quad", "dot_quad"]
 
+#: default nodes per dimension: even, so that no node sits at 0, where kinks
+#: (ReLU) and jumps (sign) of the function or its autograd derivative are
+DEFAULT_DEG = 24
+
 #: evaluations of phi per chunk (bounds the quadrature's temporary memory)
 _CHUNK_EVALS = 1 << 22
 
@@ -75,14 +79,22 @@ def _quad(fn: Callable[[Tensor], Tensor], c: Tensor, q1: Tensor, q2: Tensor, deg
     return torch.cat(outs).reshape(shape)
 
 
-def nngp_quad(fn: Callable[[Tensor], Tensor], c: Tensor, q1: Tensor, q2: Tensor, deg: int = 25):
-    """``E[fn(u) fn(v)]`` for the centred Gaussian pair with covariance ``[[q1, c], [c, q2]]``."""
-    return _quad(fn, c, q1, q2, deg)
+def nngp_quad(
+    fn: Callable[[Tensor], Tensor], c: Tensor, q1: Tensor, q2: Tensor, deg: int = DEFAULT_DEG
+) -> Tensor:
+    """``E[fn(u) fn(v)]`` for the centred Gaussian pair with covariance ``[[q1, c], [c, q2]]``.
+
+    The rule factorises the covariance from ``u``'s side; averaging it with the
+    rule factorised from ``v``'s side makes the result symmetric in the pair.
+    """
+    return (_quad(fn, c, q1, q2, deg) + _quad(fn, c, q2, q1, deg)) / 2
 
 
-def dot_quad(fn: Callable[[Tensor], Tensor], c: Tensor, q1: Tensor, q2: Tensor, deg: int = 25):
-    """``E[fn'(u) fn'(v)]`` with ``fn'`` from autograd."""
-    return _quad(_derivative(fn), c, q1, q2, deg)
+def dot_quad(
+    fn: Callable[[Tensor], Tensor], c: Tensor, q1: Tensor, q2: Tensor, deg: int = DEFAULT_DEG
+) -> Tensor:
+    """``E[fn'(u) fn'(v)]`` with ``fn'`` from autograd (symmetrised as :func:`nngp_quad`)."""
+    return nngp_quad(_derivative(fn), c, q1, q2, deg)
 
 
 class ElementwiseNumerical(ElementwiseLayer):
@@ -94,18 +106,19 @@ class ElementwiseNumerical(ElementwiseLayer):
 
     Args:
         fn: an elementwise function of a tensor (e.g. ``torch.tanh``).
-        deg: number of Gauss-Hermite nodes per dimension (``deg^2`` evaluations
-            of ``fn`` per pair of inputs), in ``[1, 200]``.
+        deg: number of Gauss-Hermite nodes per dimension (``2 deg^2`` evaluations
+            of ``fn`` per pair of inputs), in ``[1, 200]``. The default, 24, is even so
+            that no node sits at 0, where the kinks of ReLU-like functions are.
 
     Example:
         >>> from infnets import stax
-        >>> net = stax.serial(stax.Dense(1), stax.ElementwiseNumerical(torch.tanh, deg=25))
+        >>> net = stax.serial(stax.Dense(1), stax.ElementwiseNumerical(torch.tanh, deg=24))
         >>> k = net.kernel_fn(torch.eye(2, dtype=torch.float64), None, 'nngp')
         >>> k.shape
         torch.Size([2, 2])
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], deg: int = 25) -> None:
+    def __init__(self, fn: Callable[[Tensor], Tensor], deg: int = DEFAULT_DEG) -> None:
         if not callable(fn):
             raise TypeError(f"ElementwiseNumerical: fn must be callable, got {type(fn).__name__}.")
         self.fn_ = fn

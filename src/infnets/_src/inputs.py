@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,8 +48,11 @@ def as_tensor(x: Any, name: str) -> Tensor:
             f"Convert it first, e.g. {name}.double() (integer, bool, complex and half "
             "precision inputs are refused rather than silently cast)."
         )
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one example.")
+    if x.ndim == 0 or x.numel() == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(x.shape)}); pass at least one example with at "
+            "least one feature."
+        )
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf; clean or impute the data first.")
     return x
@@ -83,7 +87,15 @@ def parse_get(get: str | Sequence[str] | None) -> tuple[str, ...]:
     """Validate ``get`` and return the tuple of names it asks for."""
     if get is None:
         return ("nngp", "ntk")
-    names = (get,) if isinstance(get, str) else tuple(get)
+    if isinstance(get, str):
+        names: tuple = (get,)
+    else:
+        try:
+            names = tuple(get)
+        except TypeError:
+            raise TypeError(
+                f"get must be None, a name or a tuple of names from {GET_NAMES}; got {get!r}."
+            ) from None
     if not names:
         raise ValueError(f"get must name at least one of {GET_NAMES}; got an empty sequence.")
     for n in names:
@@ -109,8 +121,9 @@ def check_std(value: float | None, name: str, allow_none: bool = False) -> float
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}.")
-        if not bool(torch.isfinite(value)) or float(value) < 0:
-            raise ValueError(f"{name} must be finite and >= 0, got {float(value)}.")
+        v = float(value.detach())
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {v}.")
         return value  # type: ignore[return-value]  # kept as a tensor for autograd
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}.")

@@ -73,6 +73,13 @@ class Kernel:
         n2: number of examples in the second batch.
         diagonal_spatial: for spatial activations (``len(shape1) > 2``), whether only
             the per-position covariances are kept (see the module docstring).
+        last_affine: a token identifying the affine layer (``Dense``/``Conv``) whose
+            weights each unit of these activations depends on individually (``None``
+            for raw inputs and after joining branches). Two branches with different
+            tokens are independent unit by unit in the infinite-width limit.
+        centred: whether each unit has mean zero given everything but the weights of
+            ``last_affine`` (true after an affine layer, kept by odd nonlinearities,
+            pooling and normalisation). Sums and normalisation need it to be exact.
     """
 
     nngp: Tensor
@@ -86,6 +93,8 @@ class Kernel:
     n1: int = 0
     n2: int = 0
     diagonal_spatial: bool = False
+    last_affine: object | None = None
+    centred: bool = False
 
     # ------------------------------------------------------------------ helpers
     def replace(self, **changes: object) -> Kernel:
@@ -275,14 +284,14 @@ def swap_spatial_pairs(cov: Tensor, lead: int) -> Tensor:
 
 
 def _first(v: Tensor) -> Tensor:
-    """``(B, s_1, ..., s_d) -> (B, s_1, 1, ..., s_d, 1)``: the first position of a pair (a view)."""
+    """``(B, s_1, ..., s_d) -> (B, s_1, 1, ..., s_d, 1)``: the first position of a pair."""
     for a in range(v.ndim - 1):
         v = v.unsqueeze(2 + 2 * a)
     return v
 
 
 def _second(v: Tensor) -> Tensor:
-    """``(B, s_1, ..., s_d) -> (B, 1, s_1, ..., 1, s_d)``: the second position of a pair (a view)."""
+    """``(B, s_1, ..., s_d) -> (B, 1, s_1, ..., 1, s_d)``: the second position of a pair."""
     for a in range(v.ndim - 1):
         v = v.unsqueeze(1 + 2 * a)
     return v

@@ -306,6 +306,8 @@ def adapt_spatial(k: Any, need: Any, layer: Layer) -> Any:
         return k
     if isinstance(k, list):
         needs = need if isinstance(need, list) else [need] * len(k)
+        if len(needs) != len(k):  # the layer itself reports the branch-count mismatch
+            return k
         return [adapt_spatial(ki, ni, layer) for ki, ni in zip(k, needs)]
     if isinstance(need, list):
         need = any(n is True for n in need)

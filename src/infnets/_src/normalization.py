@@ -25,15 +25,9 @@ class LayerNorm(Layer):
     and likewise for the NTK (the rank-one projection of the normalisation's
     Jacobian vanishes as the width grows). No learnable gain or bias.
 
-    The map is exact after an affine layer (Gaussian i.i.d. features) and after
-    nonlinearities of such features; on raw inputs, whose features are not
-    i.i.d., it normalises the input kernel the same way while the finite layer
-    also subtracts the feature mean.
-
-    Convolutional ``(N, C, *spatial)`` activations are normalised over their
-    channels at each position (``axis=1``; ``axis=1`` also names the features of
-    ``(N, features)`` inputs): ``K'(x_p, x'_p') = K(x_p, x'_p') / sqrt((q_p + eps)(q'_p' + eps))``
-    with the per-position variances ``q_p``, in the full and diagonal spatial layouts.
+    The map is exact for centred features: after an affine layer, or after an
+    odd nonlinearity of one. Features with non-zero means (raw inputs, ReLU
+    outputs) raise a ``ValueError``, since the subtracted mean would not vanish.
 
     Args:
         axis: the feature axis (``-1`` for fully-connected inputs, ``1`` for the
@@ -76,6 +70,14 @@ class LayerNorm(Layer):
         if isinstance(k, list):
             raise ValueError(f"{self!r} received {len(k)} branches; join them first.")
         self._check_axis(len(k.shape1))
+        if not k.centred:
+            raise ValueError(
+                f"{self!r} needs zero-mean features (after an affine layer Dense/Conv, or an "
+                "odd nonlinearity of one): the mean it subtracts is then zero at infinite "
+                "width. Features with a non-zero mean (raw inputs, ReLU outputs) would need "
+                "the mean itself; normalise raw inputs beforehand, or place LayerNorm before "
+                "the nonlinearity."
+            )
         var1, var2 = k.pair_variances()
         scale = torch.rsqrt((var1 + self.eps) * (var2 + self.eps))
 

@@ -97,7 +97,6 @@ def spatial_input_kernel(
             "1 to 3 spatial axes (channels on axis 1, PyTorch layout)."
         )
     n1, c = x1.shape[0], x1.shape[1]
-    spatial = tuple(x1.shape[2:])
     symmetric = x2 is None
     xb = x1 if x2 is None else x2
     n2 = xb.shape[0]
@@ -138,7 +137,7 @@ def _products(
         return x[:, ch].movedim(0, -1).contiguous()  # (*S, N): examples innermost
 
     def outer(a: Tensor, b: Tensor, pairs: bool) -> Tensor:
-        """``a``, ``b``: ``(*S, B)``; returns ``(*S_pairs, B1, B2)`` or rowwise ``(*S_pairs, B)``."""
+        """``(*S, B1)``, ``(*S, B2)`` -> ``(*S_pairs, B1, B2)`` (rowwise: ``(*S_pairs, B)``)."""
         if full:  # interleave: a on the first position of each pair, b on the second
             a = a.reshape(tuple(x for n in a.shape[:d] for x in (n, 1)) + a.shape[d:])
             b = b.reshape(tuple(x for n in b.shape[:d] for x in (1, n)) + b.shape[d:])

@@ -1,0 +1,194 @@
+"""Tiled evaluation under a memory budget: identical to untiled, upper triangle only,
+clear errors before any work, and the spatial layout plan."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+
+from infnets import stax
+from infnets._src import tiling
+
+F64 = torch.float64
+
+
+def _x(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _gap_net():
+    return stax.serial(
+        stax.Conv(8, (3, 3), padding="SAME", W_std=1.4, b_std=0.1),
+        stax.Relu(),
+        stax.Conv(8, (2, 2), padding="CIRCULAR", W_std=1.2),
+        stax.Erf(),
+        stax.GlobalAvgPool(),
+        stax.Dense(1, 1.1, 0.2),
+    )
+
+
+def _flat_net():
+    return stax.serial(
+        stax.Conv(8, (3, 3), (2, 1), "VALID", W_std=1.4, b_std=0.1),
+        stax.Relu(),
+        stax.Flatten(),
+        stax.Dense(1),
+    )
+
+
+def _spatial_net():  # ends with convolutional activations: full pixel pairs out
+    return stax.serial(
+        stax.Conv(4, (2, 2), padding="SAME", W_std=1.3, b_std=0.2),
+        stax.Relu(),
+        stax.AvgPool((2, 2), (1, 1)),
+    )
+
+
+def _fc_net():
+    return stax.serial(stax.Dense(16, 1.5, 0.1), stax.Relu(), stax.Dense(1))
+
+
+CASES = {
+    "gap": (_gap_net, (19, 1, 4, 5)),
+    "flatten": (_flat_net, (13, 2, 5, 4)),
+    "spatial_out": (_spatial_net, (9, 1, 3, 4)),
+    "fc": (_fc_net, (23, 6)),
+}
+
+
+def _close(a, b, fc=False):
+    # Spatial inputs: every entry is the same sequence of roundings tiled or not. The
+    # fully-connected input kernel is a BLAS product whose last bits depend on the
+    # block size, and arcsin amplifies them at identical examples (rho = 1).
+    rtol = 1e-8 if fc else 1e-13
+    torch.testing.assert_close(a, b, rtol=rtol, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_tiled_equals_untiled_symmetric(name, batch_size):
+    make, shape = CASES[name]
+    net, x = make(), _x(shape)
+    ref = net.kernel_fn(x, None, None)
+    k = net.kernel_fn(x, None, None, batch_size=batch_size)
+    for field in ("nngp", "ntk", "cov1"):
+        _close(getattr(k, field), getattr(ref, field), fc=name == "fc")
+    assert k.cov2 is None and k.shape1 == ref.shape1 and k.shape2 == ref.shape2
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tiled_equals_untiled_two_batches(name):
+    make, shape = CASES[name]
+    net, x1 = make(), _x(shape)
+    x2 = _x((7,) + tuple(shape[1:]), seed=1)
+    ref = net.kernel_fn(x1, x2, None)
+    k = net.kernel_fn(x1, x2, None, batch_size=3)
+    for field in ("nngp", "ntk", "cov1", "cov2"):
+        _close(getattr(k, field), getattr(ref, field), fc=name == "fc")
+    got = net.kernel_fn(x1, x2, ("ntk", "cov2", "nngp"), batch_size=5)
+    _close(got.ntk, ref.ntk, fc=name == "fc")
+    _close(got.cov2, ref.cov2, fc=name == "fc")
+
+
+def test_memory_budget_tiles_and_matches(monkeypatch):
+    net, x = _gap_net(), _x((20, 1, 4, 5))
+    ref = net.kernel_fn(x, None, ("nngp", "ntk"))
+    per_pair = tiling.pair_bytes(net, x, True, True)
+    calls = []
+    real = tiling._single
+    monkeypatch.setattr(tiling, "_single", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    k = net.kernel_fn(x, None, ("nngp", "ntk"), memory_budget=40 * per_pair, progress=False)
+    _close(k.nngp, ref.nngp)
+    _close(k.ntk, ref.ntk)
+    assert len(calls) > 2  # one probe example, then several tiles
+    assert max(calls) ** 2 * per_pair <= 40 * per_pair
+
+
+def test_only_upper_triangle_of_tiles(monkeypatch):
+    net, x = _flat_net(), _x((10, 2, 5, 4))
+    seen = []
+    real = tiling._single
+
+    def spy(layer, a, b, *rest):
+        seen.append((a.shape[0], None if b is None else b.shape[0]))
+        return real(layer, a, b, *rest)
+
+    monkeypatch.setattr(tiling, "_single", spy)
+    net.kernel_fn(x, None, "nngp", batch_size=3)  # blocks 3, 3, 3, 1
+    assert len(seen) == 4 * 5 // 2
+    assert sum(b is None for _, b in seen) == 4  # diagonal tiles are symmetric problems
+
+
+def test_progress_bar(capsys):
+    net, x = _flat_net(), _x((8, 2, 5, 4))
+    k = net.kernel_fn(x, None, "nngp", batch_size=2, progress=True)
+    _close(k, net.kernel_fn(x, None, "nngp"))
+    assert "kernel tiles" in capsys.readouterr().err
+
+
+def test_one_pair_too_large_fails_before_any_work(monkeypatch):
+    monkeypatch.setattr(tiling, "_single", lambda *a: pytest.fail("work started"))
+    net, x = _gap_net(), _x((4, 1, 8, 8))
+    with pytest.raises(MemoryError, match="one pair of examples"):
+        net.kernel_fn(x, None, ("nngp", "ntk"), memory_budget=100_000)
+    # per-position covariances (Flatten) need P, not P^2, per pair: this budget suffices
+    monkeypatch.undo()
+    assert tiling.pair_bytes(_flat_net(), x, False, True) < 100_000
+    _flat_net().kernel_fn(x, None, "nngp", memory_budget=100_000)
+
+
+def test_result_too_large_fails_before_tiles():
+    net, x = _fc_net(), _x((400, 6))
+    with pytest.raises(MemoryError, match="result alone"):
+        net.kernel_fn(x, None, ("nngp", "ntk"), memory_budget=200_000)
+
+
+def test_pair_bytes_follow_the_layout():
+    x = _x((2, 3, 6, 5))
+    net = _gap_net()
+    full_ntk = tiling.pair_bytes(net, x, True, True)
+    assert full_ntk == 2 * tiling.pair_bytes(net, x, True, False)
+    assert full_ntk == 30 * tiling.pair_bytes(net, x, False, True)  # P^2 vs P
+    branchy = stax.serial(stax.FanOut(3), stax.parallel(net, net, net), stax.FanInSum())
+    assert tiling.pair_bytes(branchy, x, True, True) == 3 * full_ntk
+    assert tiling.default_memory_budget(torch.device("cpu")) > 0
+
+
+def test_plan_spatial():
+    assert tiling.plan_spatial(_gap_net(), True, None) == (True, True)
+    assert tiling.plan_spatial(_flat_net(), True, None) == (False, True)
+    assert tiling.plan_spatial(_flat_net(), True, True) == (False, False)
+    assert tiling.plan_spatial(_flat_net(), True, False) == (True, None)
+    assert tiling.plan_spatial(_fc_net(), False, True) == (False, True)
+    with pytest.raises(ValueError, match="GlobalAvgPool"):
+        tiling.plan_spatial(_gap_net(), True, True)
+    # pooling in one branch only: the FanOut input needs pixel pairs
+    branchy = stax.serial(
+        stax.Conv(4, (2, 2)),
+        stax.FanOut(2),
+        stax.parallel(stax.serial(stax.Relu(), stax.AvgPool((2, 2))), stax.Identity()),
+        stax.FanInSum(),
+        stax.Flatten(),
+    )
+    assert tiling.plan_spatial(branchy, True, None) == (True, True)
+
+
+def test_bad_tiling_arguments():
+    net, x = _flat_net(), _x((3, 2, 5, 4))
+    with pytest.raises(ValueError, match="batch_size"):
+        net.kernel_fn(x, None, "nngp", batch_size=0)
+    with pytest.raises(ValueError, match="memory_budget"):
+        net.kernel_fn(x, None, "nngp", memory_budget=-5)
+    with pytest.raises(TypeError, match="memory_budget"):
+        net.kernel_fn(x, None, "nngp", memory_budget="1GB")
+    with pytest.raises(TypeError, match="progress"):
+        net.kernel_fn(x, None, "nngp", progress="yes")
+    with pytest.raises(TypeError):
+        net.kernel_fn(x, None, "nngp", batchsize=2)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(tiling, optionflags=doctest.ELLIPSIS, extraglobs={"torch": torch})
+    assert result.failed == 0 and result.attempted > 0
