@@ -120,3 +120,21 @@ def test_mkdocs_site_builds(tmp_path):
     stax_page = (site / "api" / "stax" / "index.html").read_text()
     assert "serial" in stax_page and "Dense" in stax_page
     assert "InfiniteWidthKernel" in (site / "api" / "sklearn" / "index.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "name", ["infnets.sklearn", "infnets.plot", "infnets.gpytorch", "infnets._src.layer_hyper"]
+)
+def test_docstring_examples_run(name):
+    import doctest
+    import warnings
+
+    for dependency in {"infnets.gpytorch": "gpytorch", "infnets.plot": "matplotlib"}.get(
+        name, ""
+    ).split():
+        pytest.importorskip(dependency)
+    module = importlib.import_module(name)  # imports may warn (third-party deprecations)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

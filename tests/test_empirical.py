@@ -390,7 +390,7 @@ def test_kernel_fn_get_convention() -> None:
 
 
 # ------------------------------------------------------------------------ Monte Carlo
-def _mc_net():
+def stax_one_hidden_layer():  # type: ignore[no-untyped-def]
     from infnets import stax
 
     return stax.serial(
@@ -411,11 +411,7 @@ def test_monte_carlo_converges_to_analytic_kernels() -> None:
     error does not shrink with S, fails at S = 64, where the envelope is 4x tighter than at
     S = 4.
     """
-    from infnets import stax
-
-    init_fn, apply_fn, kernel_fn = stax.serial(
-        stax.Dense(64, W_std=1.5, b_std=0.3), stax.Relu(), stax.Dense(3, W_std=1.2, b_std=0.2)
-    )
+    init_fn, apply_fn, kernel_fn = stax_one_hidden_layer()
     torch.manual_seed(5)
     x1, x2 = torch.randn(3, 6, dtype=DT), torch.randn(2, 6, dtype=DT)
     exact = kernel_fn(x1, x2, ("nngp", "ntk"))
@@ -449,7 +445,7 @@ def test_monte_carlo_converges_to_analytic_kernels() -> None:
 
 
 def test_monte_carlo_reproducible_with_generator() -> None:
-    init_fn, apply_fn, _ = _mc_net()
+    init_fn, apply_fn, _ = stax_one_hidden_layer()
     x = torch.randn(3, 6, dtype=DT)
     g = torch.Generator().manual_seed(3)
     mc = monte_carlo_kernel_fn(init_fn, apply_fn, g, 3)
@@ -651,3 +647,18 @@ def test_docstring_examples() -> None:
     torch.manual_seed(0)
     result = doctest.testmod(empirical, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    model, x1, x2 = make_model("resnet")
+    k_cpu = empirical_ntk_fn(model, ())(x1, x2)
+    model = model.cuda()
+    for impl in IMPLS:
+        k = empirical_ntk_fn(model, (), implementation=impl)(x1.cuda(), x2.cuda())
+        torch.testing.assert_close(k.cpu(), k_cpu, rtol=1e-9, atol=1e-11)
+    init_fn, apply_fn, _ = stax_one_hidden_layer()
+    mc = monte_carlo_kernel_fn(init_fn, apply_fn, 0, 2)(x1.flatten(1).cuda(), get="ntk")
+    assert mc.device.type == "cuda"
+    lin = linearize(model)
+    torch.testing.assert_close(lin(x1.cuda()), model(x1.cuda()))

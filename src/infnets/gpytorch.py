@@ -19,7 +19,7 @@ Example:
     >>> x = torch.randn(5, 3)
     >>> kernel(x).to_dense().shape
     torch.Size([5, 5])
-    >>> float(kernel.W_var)  # 1.5 ** 2
+    >>> float(kernel.W_var.detach())  # 1.5 ** 2
     2.25
 """
 

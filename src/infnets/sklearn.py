@@ -128,15 +128,18 @@ class InfiniteWidthKernel(Kernel):
     Example:
         >>> import numpy as np
         >>> from sklearn.gaussian_process import GaussianProcessRegressor
+        >>> from sklearn.gaussian_process.kernels import WhiteKernel
         >>> from infnets import stax
         >>> from infnets.sklearn import InfiniteWidthKernel
         >>> net = stax.serial(stax.Dense(512, W_std=1.0, b_std=0.1), stax.Relu(),
         ...                   stax.Dense(1, W_std=1.0, b_std=0.1))
-        >>> kernel = InfiniteWidthKernel(net, get='nngp')
-        >>> X = np.linspace(-2, 2, 20)[:, None]; y = np.abs(X[:, 0])
-        >>> gpr = GaussianProcessRegressor(kernel, alpha=1e-3).fit(X, y)
-        >>> sorted(gpr.kernel_.get_params())[:2]
-        ['W_std', 'W_std_bounds']
+        >>> kernel = InfiniteWidthKernel(net, get='nngp', b_std_bounds='fixed')
+        >>> rng = np.random.default_rng(0)
+        >>> X = rng.normal(size=(40, 2))
+        >>> y = np.sin(2 * X[:, 0]) * X[:, 1] + 0.1 * rng.normal(size=40)
+        >>> gpr = GaussianProcessRegressor(kernel + WhiteKernel(1e-2)).fit(X, y)
+        >>> gpr.kernel_.k1.W_std != 1.0  # fitted by maximising the marginal likelihood
+        True
     """
 
     def __init__(

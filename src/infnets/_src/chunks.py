@@ -1,4 +1,4 @@
-"""Cache-blocked evaluation of fully-connected kernels over chunks of example pairs."""
+"""Cache-blocked evaluation of fully-connected kernels over blocks of example pairs."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from torch import Tensor
 
 from infnets._src.kernel import Kernel
 
-__all__ = ["PAIR_CHUNK", "evaluate_in_chunks"]
+__all__ = ["PAIR_CHUNK", "evaluate_fc"]
 
-#: pairs of examples per chunk on the fully-connected path: the temporaries of a
-#: chunk (8 bytes per pair in float64) stay in the CPU's cache between layers
+#: pairs of examples per block on the fully-connected path: the temporaries of a
+#: block (8 bytes per pair in float64) stay in the CPU's cache between layers,
+#: and each torch op on a block stays below ATen's parallel grain (one thread)
 PAIR_CHUNK = 1 << 15
 
 
@@ -26,81 +27,129 @@ def _joined(layer: Any, k_out: Any) -> Kernel:
     return k_out
 
 
-def evaluate_in_chunks(layer: Any, k_in: Kernel, chunk: int = PAIR_CHUNK) -> Kernel:
-    """Run ``layer.kernel`` on a fully-connected input kernel, a chunk of pairs at a time.
+def evaluate_fc(
+    layer: Any, x1: Tensor, x2: Tensor | None, need_ntk: bool, chunk: int = PAIR_CHUNK
+) -> Kernel:
+    """Kernels of a fully-connected network, computed block by block.
 
-    Every fully-connected layer maps each pair of examples independently (given
-    the per-example variances, which each chunk carries whole), so evaluating
-    the network on chunks of pairs gives exactly the result of one evaluation on
-    all pairs. Small chunks keep the temporaries of the elementwise maps in
-    cache and bound the scratch memory to O(chunk) beyond the output. Packed
-    (symmetric) chunks are written straight into both triangles of the dense
-    output. Under autograd the whole problem is evaluated at once.
+    Every fully-connected layer maps each pair of examples independently given
+    the two examples' variances, so the network can be evaluated on any block of
+    the ``(N1, N2)`` pair grid with that block's rows and columns of variances,
+    and the blocks assembled give exactly the whole. Blocks of ``chunk`` pairs
+    keep every temporary of the elementwise maps in cache and bound the scratch
+    memory; they run in parallel threads (torch ops release the GIL), each op
+    single-threaded, so no per-op thread synchronisation is paid.
+
+    For ``x2 = None`` only the upper triangle is computed: block ``b`` holds rows
+    ``r0:r1`` against columns ``r0:N`` and is mirrored into columns ``r0:r1``. The
+    input Gram matrix is symmetrised and the variances are its diagonal, so the
+    result is exactly symmetric and diagonal pairs see correlation exactly 1.
 
     Args:
         layer: the network (an infnets layer).
-        k_in: an input kernel of 2-D inputs (dense or packed layout, no spatial axes).
-        chunk: pairs per chunk.
+        x1: ``(N1, d)`` inputs.
+        x2: ``(N2, d)`` inputs or ``None``.
+        need_ntk: compute the NTK as well as the NNGP.
+        chunk: pairs per block.
 
     Returns:
-        The output kernel in the dense ``(N1, N2)`` layout.
+        The output :class:`Kernel` in the dense ``(N1, N2)`` layout.
     """
-    nngp_in, ntk_in = k_in.nngp, k_in.ntk
-    n_pairs = nngp_in.numel()
-    grad = torch.is_grad_enabled() and nngp_in.requires_grad
-    if n_pairs <= chunk or grad or nngp_in.ndim != (1 if k_in.pair_index is not None else 2):
-        return _joined(layer, layer.kernel(k_in)).to_dense()
+    from infnets._src.layer import input_kernel
 
-    def part(nngp: Tensor, **changes: Any) -> Kernel:
-        ntk = None if ntk_in is None else torch.zeros_like(nngp)
-        return _joined(layer, layer.kernel(k_in.replace(nngp=nngp, ntk=ntk, **changes)))
+    grad = torch.is_grad_enabled() and (
+        x1.requires_grad or (x2 is not None and x2.requires_grad) or _has_grad_params(layer)
+    )
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    if grad or n1 * n2 <= chunk:
+        return _joined(layer, layer.kernel(input_kernel(x1, x2, need_ntk))).to_dense()
 
-    out_nngp = nngp_in.new_empty((k_in.n1, k_in.n2))
-    out_ntk = None if ntk_in is None else torch.empty_like(out_nngp)
-    index = k_in.pair_index
-    if index is not None:  # symmetric: upper-triangle pairs, mirrored
+    d = x1.shape[1]
+    if x2 is None:
+        gram = x1 @ x1.T
+        gram = gram.add_(gram.T.clone()).mul_(0.5 / d)  # exactly symmetric
+        cov1 = gram.diagonal().clone()
+        cov2 = cov1
+    else:
+        gram = (x1 @ x2.T).div_(d)
+        cov1, cov2 = (x1 * x1).sum(-1) / d, (x2 * x2).sum(-1) / d
 
-        def packed(start: int) -> Kernel:
-            sl = slice(start, start + chunk)
-            i, j = index[0, sl], index[1, sl]
-            k = part(nngp_in[sl], pair_index=index[:, sl])
-            out_nngp[i, j] = k.nngp
-            out_nngp[j, i] = k.nngp
-            if out_ntk is not None:
-                out_ntk[i, j] = k.ntk  # type: ignore[assignment]
-                out_ntk[j, i] = k.ntk  # type: ignore[assignment]
-            return k
+    def block(r0: int, r1: int, c0: int) -> Kernel:
+        nngp = gram[r0:r1, c0:]
+        k = Kernel(
+            nngp=nngp,
+            ntk=torch.zeros_like(nngp) if need_ntk else None,
+            cov1=cov1[r0:r1],
+            cov2=cov2[c0:],
+            shape1=(r1 - r0, d),
+            shape2=(n2 - c0, d),
+            n1=r1 - r0,
+            n2=n2 - c0,
+        )
+        return _joined(layer, layer.kernel(k))
 
-        k = _map(packed, range(0, n_pairs, chunk))[0]
-        return k.replace(nngp=out_nngp, ntk=out_ntk, pair_index=None)
-    rows = max(1, chunk // k_in.n2)
+    out_nngp = gram.new_empty((n1, n2))
+    out_ntk = torch.empty_like(out_nngp) if need_ntk else None
+    symmetric = x2 is None
+    bounds = []
+    r0 = 0
+    while r0 < n1:
+        cols = n2 - r0 if symmetric else n2
+        r1 = min(n1, r0 + max(1, chunk // cols))
+        bounds.append((r0, r1))
+        r0 = r1
 
-    def block(start: int) -> Kernel:
-        sl = slice(start, start + rows)
-        part_nngp = nngp_in[sl]
-        k = part(part_nngp, cov1=k_in.cov1[sl], n1=part_nngp.shape[0])
-        out_nngp[sl] = k.nngp
-        if out_ntk is not None:
-            out_ntk[sl] = k.ntk  # type: ignore[assignment]
+    def run(b: tuple[int, int]) -> Kernel:
+        r0, r1 = b
+        c0 = r0 if symmetric else 0
+        k = block(r0, r1, c0)
+        for out, val in ((out_nngp, k.nngp), (out_ntk, k.ntk)):
+            if out is None:
+                continue
+            out[r0:r1, c0:] = val
+            if symmetric:
+                out[r1:, r0:r1] = val[:, r1 - r0 :].T
         return k
 
-    parts = _map(block, range(0, k_in.n1, rows))
-    k = parts[0]
-    cov1 = torch.cat([p.cov1 for p in parts])
-    shape1 = (k_in.n1,) + tuple(k.shape1[1:])
-    return k.replace(nngp=out_nngp, ntk=out_ntk, cov1=cov1, n1=k_in.n1, shape1=shape1)
+    parts = _map(run, bounds)
+    last = parts[-1]
+    return last.replace(
+        nngp=out_nngp,
+        ntk=out_ntk,
+        cov1=torch.cat([p.cov1 for p in parts]),
+        cov2=None if symmetric else last.cov2,
+        shape1=(n1,) + tuple(last.shape1[1:]),
+        shape2=(n2,) + tuple(last.shape2[1:]),
+        n1=n1,
+        n2=n2,
+    )
 
 
-def _map(fn: Any, starts: range) -> list[Kernel]:
-    """``[fn(s) for s in starts]``, spread over ``torch.get_num_threads()`` threads.
+def _has_grad_params(layer: Any) -> bool:
+    """Whether any hyper-parameter of the architecture is a tensor requiring grad."""
+    seen = [layer]
+    while seen:
+        obj = seen.pop()
+        for value in vars(obj).values():
+            if isinstance(value, Tensor) and value.requires_grad:
+                return True
+            if isinstance(value, (tuple, list)):
+                seen.extend(v for v in value if hasattr(v, "__dict__"))
+            elif hasattr(value, "kernel") and hasattr(value, "__dict__"):
+                seen.append(value)
+    return False
 
-    Chunks are small enough that each torch op runs on one thread (below ATen's
-    parallel grain), so the chunks themselves are the unit of parallel work:
-    no OpenMP barrier per elementwise op, which matters on busy machines. Torch
-    ops release the GIL; the chunks write disjoint parts of the output.
+
+def _map(fn: Any, items: list[Any]) -> list[Kernel]:
+    """``[fn(i) for i in items]``, spread over ``torch.get_num_threads()`` threads.
+
+    Blocks are small enough that each torch op runs on one thread, so the blocks
+    themselves are the unit of parallel work: no OpenMP barrier per elementwise
+    op, which matters on busy machines. The blocks write disjoint output regions.
     """
-    workers = min(torch.get_num_threads(), len(starts))
+    workers = min(torch.get_num_threads(), len(items))
     if workers <= 1:
-        return [fn(s) for s in starts]
+        return [fn(i) for i in items]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, starts))
+        return list(pool.map(fn, items))

@@ -27,6 +27,7 @@ from infnets._src.layer import Layer
 __all__ = [
     "gradient_descent_ensemble",
     "linearized_gradient_descent",
+    "linearized_expected_loss",
     "train_classifier",
     "accuracy",
     "single_thread",
@@ -157,11 +158,71 @@ def linearized_gradient_descent(
     w = w.clamp_min(0.0)
     r0 = v.T @ (fx_train_0.to(f64) - y_train.to(f64))
     kv = ntk_test_train.to(f64) @ v
+    phis = _discrete_phi(w, learning_rate, steps)
+    return torch.stack([fx_test_0.to(f64) - kv @ (phi[:, None] * r0) for phi in phis])
+
+
+def _discrete_phi(w: Tensor, learning_rate: float, steps: Sequence[int]) -> Tensor:
+    """``(T, N)``: ``lr sum_{j<s} (1 - lr w)^j = (1 - (1 - lr w)^s) / w`` (``lr s`` at w = 0)."""
     out = []
     for s in steps:
         decay = (1.0 - learning_rate * w) ** int(s)
-        phi = torch.where(w > 0, (1.0 - decay) / torch.where(w > 0, w, 1.0), learning_rate * s)
-        out.append(fx_test_0.to(f64) - kv @ (phi[:, None] * r0))
+        out.append(
+            torch.where(w > 0, (1.0 - decay) / torch.where(w > 0, w, 1.0), learning_rate * s)
+        )
+    return torch.stack(out)
+
+
+def linearized_expected_loss(
+    ntk_train: Tensor,
+    nngp_train: Tensor,
+    ntk_test_train: Tensor,
+    nngp_test_train: Tensor,
+    nngp_test_diag: Tensor,
+    y_train: Tensor,
+    y_test: Tensor,
+    learning_rate: float,
+    steps: Sequence[int],
+) -> Tensor:
+    r"""Exact expected test loss of the linearized network after ``s`` discrete steps.
+
+    With ``f_0 ~ GP(0, K)`` and ``A_s = Θ(x, X) V diag(phi_s) V^T`` (see
+    :func:`linearized_gradient_descent`), ``f_s(x)`` is Gaussian with mean ``A_s Y`` and
+    variance ``K(x, x) - 2 [A_s K(X, x)] + [A_s K(X, X) A_s^T]`` (diagonals), so
+
+    ``E mean_x (f_s(x) - y(x))^2 = mean_x ((A_s Y - y)^2 + Var f_s(x))``.
+
+    This is the discrete-time counterpart of the ensemble of
+    :func:`infnets.predict.gradient_descent_mse_ensemble`, used as the expectation of a
+    control variate.
+
+    Args:
+        ntk_train: ``(N, N)`` train-train NTK.
+        nngp_train: ``(N, N)`` train-train NNGP.
+        ntk_test_train: ``(M, N)`` test-train NTK.
+        nngp_test_train: ``(M, N)`` test-train NNGP.
+        nngp_test_diag: ``(M,)`` test variances ``K(x, x)``.
+        y_train: ``(N, k)`` targets.
+        y_test: ``(M, k)`` test targets.
+        learning_rate: step size ``lr``.
+        steps: ``T`` step counts.
+
+    Returns:
+        ``(T,)`` expected test losses (mean over test points and outputs).
+    """
+    f64 = torch.float64
+    w, v = torch.linalg.eigh(ntk_train.to(f64))
+    w = w.clamp_min(0.0)
+    kv = ntk_test_train.to(f64) @ v  # (M, N)
+    vty = v.T @ y_train.to(f64)
+    vkv = v.T @ nngp_train.to(f64) @ v  # K(X, X) in the NTK's eigenbasis
+    kxv = nngp_test_train.to(f64) @ v  # K(x, X) V
+    out = []
+    for phi in _discrete_phi(w, learning_rate, steps):
+        b = kv * phi  # A_s V, (M, N)
+        mean = b @ vty
+        var = nngp_test_diag.to(f64) - 2 * (b * kxv).sum(-1) + ((b @ vkv) * b).sum(-1)
+        out.append(((mean - y_test.to(f64)) ** 2).mean() + var.mean())
     return torch.stack(out)
 
 

@@ -134,8 +134,8 @@ class Features:
     Attributes:
         jac: ``name -> (n, *S, D)`` flattened Jacobians of fallback parameters.
         layers: ``layer -> (shape, u, g)``: the layer's :class:`LayerShape`, its per-example
-            inputs ``u (n, *in_shape)`` (turned into patches only when contracted, one layer
-            at a time, to bound memory) and output cotangents ``g (n, *S, P, G, D_out)``.
+            inputs ``u (n, *in_shape)`` and output cotangents ``g (n, *S, *out_shape)``, as
+            the forward pass saw them (reshaped only when contracted, one layer at a time).
         n: number of examples.
         out_size: ``prod(S)``.
     """
@@ -143,7 +143,11 @@ class Features:
     jac: dict[str, Tensor]
     layers: dict[str, tuple[LayerShape, Tensor, Tensor]]
     n: int
-    out_size: int
+    out_shape: tuple[int, ...]
+
+    @property
+    def out_size(self) -> int:
+        return math.prod(self.out_shape)
 
 
 def _patches(ls: LayerShape, inp: Tensor) -> Tensor:
@@ -208,12 +212,21 @@ def features(
     jp = jacs[-1] if fb else {}
     n, s = x.shape[0], probe_.out_shape
     jac = {name: jp[name].reshape((n,) + s + (-1,)) for name in fb}
-    feats = {name: (ls, seen[name], _cotangents(ls, jd[name], s)) for name, ls in layers.items()}
-    return Features(jac, feats, n, math.prod(s))
+    feats = {name: (ls, seen[name], jd[name]) for name, ls in layers.items()}
+    return Features(jac, feats, n, s)
 
 
 def _contract_jac(j1: Tensor, j2: Tensor, ax: OutputAxes) -> Tensor:
     return torch.einsum(f"{ax.a1}z,{ax.a2}z->{ax.out}", j1, j2)
+
+
+def _layer_weight_jacobian(
+    ls: LayerShape, inp: Tensor, raw: Tensor, g: Tensor, out_shape: tuple[int, ...]
+) -> Tensor:
+    """Per-example weight Jacobians ``(n, *S, D)`` of a structured layer."""
+    if ls.rule.conv_dims:
+        return _conv_weight_jacobian(ls, inp, raw, out_shape)
+    return _weight_jacobian(_patches(ls, inp), g)
 
 
 def _weight_jacobian(u: Tensor, g: Tensor) -> Tensor:
@@ -221,6 +234,46 @@ def _weight_jacobian(u: Tensor, g: Tensor) -> Tensor:
     n, lead = g.shape[0], g.shape[:-3]
     gg = g.reshape(n, -1, *g.shape[-3:])
     return torch.einsum("nspgo,npgi->nsgoi", gg, u).reshape(lead + (-1,))
+
+
+def _conv_weight_jacobian(ls: LayerShape, inp: Tensor, g: Tensor, out_shape: tuple[int, ...]):
+    """Per-example weight Jacobians of a convolution, ``(n, *S, G D_out D_in)``.
+
+    One grouped weight-gradient convolution (``groups = n G``): example ``n``'s input channels
+    form a group whose "output channels" are its ``O x C_out`` cotangent maps, so the
+    result is ``sum_p g_p u_p^T`` for every example and output unit at once, without
+    unfolding the input into patches.
+    """
+    m = ls.rule.module
+    d = ls.rule.conv_dims
+    n, o = inp.shape[0], math.prod(out_shape)
+    x = inp if inp.ndim == d + 3 else inp.unsqueeze(1)  # (n, B, C_in, *spatial)
+    b = x.shape[1]
+    x = x.transpose(0, 1).reshape((b, -1) + tuple(x.shape[3:]))
+    pads = list(m._reversed_padding_repeated_twice)
+    if any(pads):
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    gg = g.reshape((n, o, b, ls.G, ls.d_out) + tuple(g.shape[-d:]))
+    gg = gg.permute((2, 0, 3, 1, 4) + tuple(range(5, 5 + d)))
+    gg = gg.reshape((b, -1) + tuple(g.shape[-d:]))
+    c_in = m.in_channels // ls.G
+    weight = x.new_zeros(()).expand((n * ls.G * o * ls.d_out, c_in) + tuple(m.kernel_size))
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        gg,
+        x,
+        weight,
+        None,
+        list(m.stride),
+        [0] * d,
+        list(m.dilation),
+        False,
+        [0] * d,
+        n * ls.G,
+        [False, True, False],
+    )
+    gw = gw.reshape(n, ls.G, o, -1).transpose(1, 2)
+    return gw.reshape((n,) + out_shape + (-1,))
 
 
 def _gram(u1: Tensor, g1: Tensor, u2: Tensor, g2: Tensor, ax: OutputAxes) -> Tensor:
@@ -258,21 +311,23 @@ def layer_costs(
 def contract(f1: Features, f2: Features, ax: OutputAxes, same: bool) -> dict[str, Tensor]:
     """Per-parameter kernel blocks between two feature sets."""
     out = {name: _contract_jac(j1, f2.jac[name], ax) for name, j1 in f1.jac.items()}
-    for name, (ls, in1, g1) in f1.layers.items():
-        ls2, in2, g2 = f2.layers[name]
+    for name, (ls, in1, r1) in f1.layers.items():
+        ls2, in2, r2 = f2.layers[name]
         rule = ls.rule
-        u1 = _patches(ls, in1)
-        u2 = u1 if same else _patches(ls2, in2)
+        g1 = _cotangents(ls, r1, f1.out_shape)
+        g2 = g1 if same else _cotangents(ls2, r2, f2.out_shape)
         if rule.weight is not None:
             b = f1.n if ax.batch_diag else f1.n * f2.n
             rows2 = 0 if same else f2.n * f2.out_size
-            gram, mat = layer_costs(ls, u1.shape[1], u2.shape[1], f1.n * f1.out_size, rows2, b, ax)
+            gram, mat = layer_costs(ls, ls.P, ls2.P, f1.n * f1.out_size, rows2, b, ax)
             if gram <= mat:
+                u1 = _patches(ls, in1)
+                u2 = u1 if same else _patches(ls2, in2)
                 out[rule.weight] = _gram(u1, g1, u2, g2, ax)
-            else:
-                jw1 = _weight_jacobian(u1, g1)
-                jw2 = jw1 if same else _weight_jacobian(u2, g2)
                 del u1, u2
+            else:
+                jw1 = _layer_weight_jacobian(ls, in1, r1, g1, f1.out_shape)
+                jw2 = jw1 if same else _layer_weight_jacobian(ls2, in2, r2, g2, f2.out_shape)
                 out[rule.weight] = _contract_jac(jw1, jw2, ax)
                 del jw1, jw2
         if rule.bias is not None:

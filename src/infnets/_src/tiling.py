@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from infnets._src import inputs as _inputs
-from infnets._src.chunks import evaluate_in_chunks
+from infnets._src.chunks import evaluate_fc
 from infnets._src.kernel import Kernel, pack_index, select, swap_spatial_pairs
-from infnets._src.layer import PACK_MIN_EXAMPLES, Layer, input_kernel
+from infnets._src.layer import PACK_MIN_EXAMPLES, Layer
 
 __all__ = [
     "kernel_fn",
@@ -353,7 +353,7 @@ def _single(
     layer: Layer, x1: Tensor, x2: Tensor | None, need_ntk: bool, full_in: bool, out_full: Any
 ) -> Kernel:
     if x1.ndim == 2:  # fully connected: cache-blocked chunks of pairs (exact)
-        return evaluate_in_chunks(layer, input_kernel(x1, x2, need_ntk=need_ntk))
+        return evaluate_fc(layer, x1, x2, need_ntk)
     k_in = spatial_input_kernel(x1, x2, need_ntk, full=full_in)
     k_out = layer.kernel_planned(k_in, out_full)
     if not isinstance(k_out, Kernel):
