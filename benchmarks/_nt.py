@@ -481,7 +481,7 @@ def nt_kernel_timing(
     X_SHAPE = {tuple(int(s) for s in x_shape)!r}
     GET = {get_t!r}
     SAVE = {None if save_path is None else os.fspath(save_path)!r}
-    _, _, kernel_fn = eval(ARCH)
+    _, _, kernel_fn = {arch_code}  # the architecture's NT stax code, spliced in
     x = jax.block_until_ready(jnp.asarray(make_inputs(X_SHAPE, {int(seed)})))
     assert x.dtype == jnp.float64
     kfn = jax.jit(kernel_fn, static_argnames=("get",))
@@ -559,7 +559,7 @@ def nt_empirical_ntk_timing(
     ARCH = {arch_code!r}
     X_SHAPE = {tuple(int(s) for s in x_shape)!r}
     SAVE = {None if save_path is None else os.fspath(save_path)!r}
-    init_fn, apply_fn, _ = eval(ARCH)
+    init_fn, apply_fn, _ = {arch_code}  # the architecture's NT stax code, spliced in
     _, params = init_fn(jax.random.PRNGKey({int(param_seed)}), X_SHAPE)
     DT = jnp.dtype({dtype!r})
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, DT), params)

@@ -43,7 +43,8 @@ rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 import torch
 from infnets import stax
 rss_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-act, n, d, repeats, save = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+act, save = sys.argv[1], sys.argv[5]
+n, d, repeats = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 A = {"relu": stax.Relu, "erf": stax.Erf}[act]
 layers = []
 for _ in range(5):

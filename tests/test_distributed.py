@@ -120,6 +120,8 @@ def test_multi_device_kernel_and_all_paths_agree_bitwise(tmp_path: Path) -> None
     )
     np.testing.assert_array_equal(m.ntk.numpy(), lazy.compute(scheduler="threads"))
     np.testing.assert_array_equal(m.ntk.numpy(), ks.to_numpy("ntk"))
+    two = dist.multi_device_kernel(NET, x1, None, "ntk", tile=5, devices=["cpu", "cpu"])
+    np.testing.assert_array_equal(two.numpy(), m.ntk.numpy())  # one thread per device
     _assert_kernels({"nngp": m.nngp.numpy()}, NET.kernel_fn(x1, None, ("nngp",)))
 
 
@@ -260,7 +262,7 @@ def test_incomplete_store_is_not_read(tmp_path: Path) -> None:
 
 def test_worker_killed_mid_run(tmp_path: Path) -> None:
     """A worker process dies (SIGKILL) mid-run: Dask reruns its tiles, the matrix is exact."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from infnets._src.distributed_store import compute_store
 
@@ -268,9 +270,7 @@ def test_worker_killed_mid_run(tmp_path: Path) -> None:
     ref = dist.compute_kernel(
         NET, x, None, "ntk", store=tmp_path / "ref.zarr", tile=4, client="threads"
     ).to_numpy("ntk")
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    )
+    cluster = dist.local_cluster(2, processes=True)
     killed: list[int] = []
     try:
         with Client(cluster, set_as_default=False) as c:
@@ -292,6 +292,23 @@ def test_worker_killed_mid_run(tmp_path: Path) -> None:
     assert ks.last_run is not None and len(ks.last_run.computed) == 21
     assert ks.is_complete() and ks.verify() == []
     np.testing.assert_array_equal(ks.to_numpy("ntk"), ref)
+
+
+def test_embedded_cluster_runs_kernel_matrix_without_a_client() -> None:
+    from infnets._src.distributed_dask import active_client
+
+    if active_client() is not None:
+        pytest.skip("a default Dask client is already active")
+    client = dist.embedded_client(n_workers=1, processes=False)  # the default sizes to the host
+    try:
+        assert dist.embedded_client() is client and active_client() is client
+        x = _x(9)
+        k = dist.kernel_matrix(NET, x, None, "nngp", tile=4)  # client=None: the embedded one
+        got = client.compute(k, sync=True)
+        np.testing.assert_allclose(got, NET.kernel_fn(x, None, "nngp").numpy(), rtol=1e-7)
+    finally:
+        dist.close_embedded_client()
+    assert active_client() is None
 
 
 def test_embedded_cluster_is_lazy_and_optional() -> None:
@@ -429,3 +446,28 @@ def test_gp_inference_matches_predict(method: str, tmp_path: Path) -> None:
         torch.testing.assert_close(mean, want.ntk.mean, rtol=1e-6, atol=1e-8)
     shared = dist.gp_inference(k.nngp, y, diag_reg=1e-3, method=method, tol=1e-13)
     torch.testing.assert_close(shared("ntk", kt.nngp), want.nngp.mean, rtol=1e-6, atol=1e-8)
+
+
+def test_is_stored_kernel_and_unsupported_options(tmp_path: Path) -> None:
+    x, _, y = _problem(n=12)
+    ks = dist.compute_kernel(
+        NET, x, None, ("nngp", "ntk"), store=tmp_path / "K.zarr", tile=8, client="threads"
+    )
+    lazy = dist.kernel_matrix(NET, x, None, ("nngp", "ntk"), tile=8, client="threads")
+    for k in (
+        ks,
+        str(tmp_path / "K.zarr"),
+        tmp_path / "K.zarr",
+        ks["ntk"],
+        ks.to_dask("ntk"),
+        lazy,
+    ):
+        assert dist.is_stored_kernel(k), type(k)
+    for k in (NET.kernel_fn(x, None, ("nngp", "ntk")), torch.eye(3), np.eye(3)):
+        assert not dist.is_stored_kernel(k)
+    with pytest.raises(NotImplementedError, match="jitter"):
+        dist.gp_inference(ks, y, jitter="auto")
+    with pytest.raises(NotImplementedError, match="untraced"):
+        dist.gp_inference(ks, y[:, :, None].expand(12, 2, 3), trace_axes=(-1,))
+    fn = dist.gp_inference(ks, y[:, :, None].expand(12, 2, 3), 1e-3, False, (1, 2))
+    assert fn("nngp").shape == (12, 2, 3)

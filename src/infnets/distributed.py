@@ -57,7 +57,13 @@ from infnets._src.distributed_store import (
     open_kernel_store,
 )
 from infnets._src.distributed_tiles import TileGrid, multi_device_kernel
-from infnets._src.scale_solve import CGResult, cg_solve, gp_inference, solve_posterior_mean
+from infnets._src.scale_solve import (
+    CGResult,
+    cg_solve,
+    gp_inference,
+    is_stored_kernel,
+    solve_posterior_mean,
+)
 
 __all__ = [
     "ArchError",
@@ -71,6 +77,7 @@ __all__ = [
     "compute_kernel",
     "embedded_client",
     "gp_inference",
+    "is_stored_kernel",
     "kernel_matrix",
     "local_cluster",
     "multi_device_kernel",

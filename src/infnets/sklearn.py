@@ -138,7 +138,7 @@ class InfiniteWidthKernel(Kernel):
         >>> X = rng.normal(size=(40, 2))
         >>> y = np.sin(2 * X[:, 0]) * X[:, 1] + 0.1 * rng.normal(size=40)
         >>> gpr = GaussianProcessRegressor(kernel + WhiteKernel(1e-2)).fit(X, y)
-        >>> gpr.kernel_.k1.W_std != 1.0  # fitted by maximising the marginal likelihood
+        >>> bool(gpr.kernel_.k1.W_std != 1.0)  # fitted by maximising the marginal likelihood
         True
     """
 

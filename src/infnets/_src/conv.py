@@ -41,7 +41,15 @@ from infnets._src.dense import check_parameterization
 from infnets._src.kernel import alloc_like
 from infnets._src.layer import Layer, Params
 
-__all__ = ["Conv", "AxisGeometry", "axis_geometry", "window_sum", "pad_input", "PADDINGS"]
+__all__ = [
+    "Conv",
+    "AxisGeometry",
+    "axis_geometry",
+    "window_sum",
+    "conv_covariance",
+    "pad_input",
+    "PADDINGS",
+]
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
 
@@ -95,6 +103,11 @@ def axis_geometry(n: int, k: int, s: int, padding: str, who: str, axis: int) -> 
 
     Raises:
         ValueError: the window does not fit a ``'VALID'`` input (empty output).
+
+    Example:
+        >>> g = axis_geometry(8, 3, 2, 'SAME', 'Conv', 0)
+        >>> g.out, g.lo, g.hi
+        (4, 0, 1)
     """
     if padding == "VALID":
         if n < k:
@@ -178,6 +191,12 @@ def window_sum(
     Returns:
         A new tensor with ``dims`` of size ``g.out``, stored in ``t``'s memory order
         (``t`` itself for an identity window without scale and shift).
+
+    Example:
+        >>> g = axis_geometry(3, 2, 1, 'VALID', 'Conv', 0)
+        >>> window_sum(torch.arange(9.0).reshape(3, 3), (0, 1), g)  # t[o, o'] + t[o+1, o'+1]
+        tensor([[ 4.,  6.],
+                [10., 12.]])
     """
     dims = tuple(d % t.ndim for d in dims)
     alpha = 1.0 if scale is None else scale
@@ -270,6 +289,11 @@ def conv_covariance(
 
     Returns:
         The convolved covariance in the same layout and memory order.
+
+    Example:
+        >>> g = axis_geometry(4, 3, 1, 'SAME', 'Conv', 0)
+        >>> conv_covariance(torch.ones(1, 4, 4), 1, True, [g], scale=1 / 3)[0, 0]
+        tensor([0.6667, 0.6667, 0.6667, 0.3333])
     """
     active = [a for a, g in enumerate(geoms) if not g.is_identity] or [len(geoms) - 1]
     last = active[-1]
@@ -285,7 +309,20 @@ def conv_covariance(
 
 
 def pad_input(x: Tensor, geoms: Sequence[AxisGeometry]) -> Tensor:
-    """Pad the spatial axes of ``(N, C, *spatial)`` activations as ``geoms`` say (finite nets)."""
+    """Pad the spatial axes of activations as ``geoms`` say (the finite networks).
+
+    Args:
+        x: ``(N, C, *spatial)`` activations.
+        geoms: one :class:`AxisGeometry` per spatial axis.
+
+    Returns:
+        ``(N, C, *padded)``: zeros, or wrapped values for ``'CIRCULAR'``.
+
+    Example:
+        >>> g = axis_geometry(3, 3, 1, 'CIRCULAR', 'Conv', 0)
+        >>> pad_input(torch.tensor([[[1.0, 2.0, 3.0]]]), [g])
+        tensor([[[3., 1., 2., 3., 1.]]])
+    """
     nd = len(geoms)
     if any(g.circular and (g.lo or g.hi) for g in geoms):
         for a, g in enumerate(geoms):
@@ -303,7 +340,15 @@ def pad_input(x: Tensor, geoms: Sequence[AxisGeometry]) -> Tensor:
 
 
 def scale_shift(t: Tensor, scale: Any, shift: Any, fresh: bool) -> Tensor:
-    """``t * scale + shift`` (``shift`` may be ``None``), in place when ``t`` is a temporary."""
+    """``t * scale + shift`` (``shift`` may be ``None``), in place when ``t`` is a temporary.
+
+    Args:
+        t: a tensor. scale, shift: numbers or broadcastable tensors.
+        fresh: ``t`` is a temporary that may be overwritten (ignored under autograd).
+
+    Returns:
+        The result (``t`` itself when computed in place).
+    """
     if fresh and not sm.needs_grad(t, scale, shift):
         t = t.mul_(scale)
         return t if shift is None else t.add_(shift)

@@ -39,7 +39,14 @@ import numpy as np
 import scipy.linalg
 import torch
 
-__all__ = ["CGResult", "as_operator", "cg_solve", "gp_inference", "solve_posterior_mean"]
+__all__ = [
+    "CGResult",
+    "as_operator",
+    "cg_solve",
+    "gp_inference",
+    "is_stored_kernel",
+    "solve_posterior_mean",
+]
 
 _FN = "solve_posterior_mean"
 
@@ -557,12 +564,40 @@ def _finish(m: np.ndarray, out_shape: tuple[int, ...], dtype: np.dtype) -> torch
     return out.to(torch.float32 if dtype == np.float32 else torch.float64)
 
 
+def is_stored_kernel(k: Any) -> bool:
+    """Whether ``k`` is a kernel for the scale path: a store path, store, zarr or Dask array.
+
+    Also true for a record (``Kernel``, named tuple) whose ``.nngp`` or ``.ntk`` is one.
+    Never imports Dask or zarr (``infnets.predict`` can call it on every input).
+
+    Example:
+        >>> is_stored_kernel('K.zarr'), is_stored_kernel(torch.eye(2))
+        (True, False)
+    """
+    from infnets._src.distributed_store import KernelStore
+
+    if isinstance(k, (str, os.PathLike, KernelStore)):
+        return True
+    mod = type(k).__module__ or ""
+    if mod.startswith(("dask", "zarr")):
+        return True
+    if isinstance(k, (torch.Tensor, np.ndarray)):
+        return False
+    return any(
+        (type(v).__module__ or "").startswith(("dask", "zarr"))
+        for v in (getattr(k, "nngp", None), getattr(k, "ntk", None))
+        if v is not None
+    )
+
+
 def gp_inference(
     k_train_train: Any,
     y_train: Any,
     diag_reg: float = 0.0,
     diag_reg_absolute_scale: bool = False,
+    trace_axes: Any = (-1,),
     *,
+    jitter: Any = None,
     method: str = "auto",
     tol: float = 1e-8,
     maxiter: int | None = None,
@@ -593,6 +628,9 @@ def gp_inference(
         y_train: ``(N, *O)`` targets.
         diag_reg: ridge ``>= 0`` (relative to each kernel's mean diagonal unless absolute).
         diag_reg_absolute_scale: ``diag_reg`` is absolute.
+        trace_axes: as in ``predict.gp_inference``; here the kernels must act as the
+            identity on every output axis (the default for ``(N, k)`` targets).
+        jitter: only ``None`` (automatic jitter needs repeated factorizations).
         method, tol, maxiter, preconditioner, rank, memory_limit: as in
             :func:`solve_posterior_mean`.
 
@@ -630,6 +668,17 @@ def gp_inference(
 
     n = train_op("nngp" if shared else _first_field(k_train_train)).shape[0]
     y, out_shape = _targets(y_train, n)
+    if jitter is not None:
+        raise NotImplementedError(
+            f"{_FN}: jitter={jitter!r} is not available for stored kernels; pass diag_reg."
+        )
+    n_out = len(out_shape)
+    traced = {int(a) % (n_out + 1) for a in trace_axes} if n_out else set()
+    if n_out and traced != set(range(1, n_out + 1)):
+        raise NotImplementedError(
+            f"{_FN}: stored kernels act as the identity on every output axis; trace_axes="
+            f"{tuple(trace_axes)} leaves some of the {n_out} output axes of y_train untraced."
+        )
 
     def solver(name: str) -> _Solver:
         key = "shared" if shared else name
