@@ -16,10 +16,13 @@ Measured, each the best and the median of ``--repeats`` runs after a warm-up:
   into the driver's memory (``gather``: adds moving 16 bytes per entry between
   processes and assembling the blocks);
 * ``store-K``: :func:`infnets.distributed.compute_kernel` into a zarr store on
-  local disk (workers compress and write their tiles, markers, checksums).
+  local disk (workers compress and write their tiles, markers, checksums), and the
+  same without Dask (``store in-process``: ``client='threads'``, one torch thread).
 
-Figures reported: throughput in tiles/s, the speed-up of 2 workers over 1, and the
-overhead of ``dask-1`` over ``loop`` at 1 thread (same work, same thread count).
+Figures reported: wall time, throughput in tiles/s and CPU time (this process plus
+every worker process), the speed-up of 2 workers over 1, and the overhead of
+``dask-1`` over ``loop`` at 1 thread (same work, same thread count) and of
+``store-1`` over ``store in-process``.
 The machine's load average is printed too: on a shared machine other processes
 take cores and distort the scaling figure.
 
@@ -205,6 +208,13 @@ def main() -> int:
             timed(lambda th=th: plain_loop(net, x1, x2, args.tile, th), args.repeats),
         )
 
+    if not args.no_store:
+        store_run("threads", net, x1[: args.tile], x2[: args.tile], args.tile)  # warm-up
+        report(
+            "store in-process",
+            timed(lambda: store_run("threads", net, x1, x2, args.tile), args.repeats),
+        )
+
     def clusters() -> Any:
         if args.scheduler:
             yield "remote", Client(args.scheduler), None
@@ -241,13 +251,17 @@ def main() -> int:
                 cluster.close()
 
     print("# load average after:", f"{os.getloadavg()[0]:.1f}")
-    loop1 = results["loop 1 thread"]
     k = args.workers
-    for name in ("dask-1 persist", "dask-1 gather", "store-1"):
-        if name in results:
-            wall = 100 * (results[name][0] / loop1[0] - 1)
-            cpu = 100 * (results[name][2] / loop1[2] - 1)
-            print(f"overhead {name} over loop at 1 thread: wall {wall:+.1f} %, CPU {cpu:+.1f} %")
+    for name, ref in (
+        ("dask-1 persist", "loop 1 thread"),
+        ("dask-1 gather", "loop 1 thread"),
+        ("store-1", "loop 1 thread"),
+        ("store-1", "store in-process"),
+    ):
+        if name in results and ref in results:
+            wall = 100 * (results[name][0] / results[ref][0] - 1)
+            cpu = 100 * (results[name][2] / results[ref][2] - 1)
+            print(f"overhead {name} over {ref}: wall {wall:+.1f} %, CPU {cpu:+.1f} %")
     for one, many in (
         ("dask-1 persist", f"dask-{k} persist"),
         ("dask-1 gather", f"dask-{k} gather"),

@@ -116,7 +116,9 @@ def kernel_matrix(
         tile: tile edge in examples (the block size; last blocks may be smaller).
         client: a ``distributed.Client`` or scheduler address; ``None`` (default):
             the active client, else the embedded local cluster (started once, made
-            the default); ``'threads'``: no cluster, Dask's default scheduler.
+            the default); ``'threads'``: no cluster, Dask's default scheduler. The
+            arrays are computed by whatever computes them (``.compute()`` uses the
+            default client, ``client.compute(...)`` a given one).
         device: ``'auto'`` (a GPU of the worker if any, else CPU), ``'cpu'``, ``'cuda:0'``.
         torch_threads: torch intra-op threads per tile (1: Dask parallelizes over tiles).
 
@@ -165,6 +167,11 @@ def compute_kernel(
     uninterrupted run. The store records a fingerprint (sha256 over the
     architecture's ``repr``, the input bytes, dtype, ``get`` and ``tile``); a store
     written for anything else raises :class:`StoreMismatchError`.
+
+    "Exactly" holds tile by tile for the same kind of device: a tile computed on a
+    GPU may differ in the last bits from the same tile computed on a CPU, and the
+    device is deliberately not part of the fingerprint (a store started on GPUs
+    can be finished on CPUs).
 
     Layout: ``store/nngp`` and ``store/ntk`` are ``(N1, N2)`` zarr arrays chunked
     ``(tile, tile)`` (NaN where not yet computed); bookkeeping lives in

@@ -87,7 +87,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="ARCH",
         help="the architecture: a stax expression, @FILE, or the path of a file holding one",
     )
-    p.add_argument("--x1", required=True, metavar="X1.npy", help="inputs (N1, ...) as a .npy file")
+    p.add_argument(
+        "--x1",
+        required=True,
+        metavar="X1.npy",
+        help="inputs as a .npy file: (N1, features), or (N1, C, H, W) for convolutions",
+    )
     p.add_argument(
         "--x2",
         metavar="X2.npy",
@@ -130,7 +135,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="skip re-reading and checksumming tiles finished by earlier runs",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (by default: tiles done, rate and time left, on stderr)",
+    )
     p.add_argument(
         "--summary",
         metavar="FILE.json",
@@ -159,7 +168,7 @@ def _load(path: str, name: str) -> np.ndarray:
     if arr.ndim < 2:
         raise ValueError(
             f"{name}: {path!r} has shape {arr.shape}; inputs are (N, features) or "
-            "(N, H, W, C) with the batch axis first."
+            "(N, C, H, W) with the batch axis first."
         )
     return arr
 

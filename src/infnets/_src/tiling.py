@@ -23,9 +23,11 @@ r"""Evaluating ``kernel_fn``: input kernels, spatial layouts, memory budget and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import torch
@@ -474,6 +476,32 @@ def kernel_fn(
     return select(_tiled(layer, x1, x2, need_ntk, full_in, out_full, side, progress), get)
 
 
+def _tile_workers(x1: Tensor, n_tiles: int) -> int:
+    """Threads to spread tiles over: one per intra-op thread, on CPUs with OpenMP.
+
+    Tiles then run side by side with single-threaded torch ops, instead of every
+    op splitting itself over the threads and waiting at a barrier, which on a busy
+    machine (another process holding a core) stalls every op.
+    """
+    if x1.device.type != "cpu" or n_tiles < 2:
+        return 1
+    threads = torch.get_num_threads()
+    if threads < 2 or "OpenMP" not in torch.__config__.parallel_info():
+        return 1
+    return min(threads, n_tiles)
+
+
+@contextlib.contextmanager
+def _single_threaded_ops() -> Iterator[None]:
+    """Torch ops of threads started inside run on one thread; restored on exit."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _tiled(
     layer: Layer,
     x1: Tensor,
@@ -492,6 +520,35 @@ def _tiled(
     rows = [(a, min(a + side, n1)) for a in range(0, n1, side)]
     cols = rows if symmetric else [(b, min(b + side, n2)) for b in range(0, n2, side)]
     tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not symmetric or i <= j]
+    out: dict[str, Tensor | None] = {}
+
+    def compute(tile: tuple[int, int]) -> Kernel:
+        (a0, a1), (b0, b1) = rows[tile[0]], cols[tile[1]]
+        other = None if symmetric and tile[0] == tile[1] else xb[b0:b1]
+        return _single(layer, x1[a0:a1], other, need_ntk, full_in, out_full)
+
+    def store(tile: tuple[int, int], k: Kernel) -> None:
+        """Write a tile (and its mirror) into the outputs: disjoint regions per tile."""
+        i, j = tile
+        (a0, a1), (b0, b1) = rows[i], cols[j]
+        nngp, ntk, cov1, cov2 = out["nngp"], out["ntk"], out["cov1"], out["cov2"]
+        full = k.is_full_spatial
+        nngp[a0:a1, b0:b1] = k.nngp  # type: ignore[index]
+        if ntk is not None:
+            ntk[a0:a1, b0:b1] = k.ntk
+        if symmetric:
+            if i == j:
+                cov1[a0:a1] = k.cov1  # type: ignore[index]
+            else:
+                nngp[b0:b1, a0:a1] = _mirror(k.nngp, full)  # type: ignore[index]
+                if ntk is not None:
+                    ntk[b0:b1, a0:a1] = _mirror(k.ntk, full)  # type: ignore[arg-type]
+        else:
+            if j == 0:
+                cov1[a0:a1] = k.cov1  # type: ignore[index]
+            if i == 0:
+                cov2[b0:b1] = k.cov2  # type: ignore[index]
+
     bar = tqdm(
         total=len(tiles),
         desc="kernel tiles",
@@ -500,45 +557,34 @@ def _tiled(
         delay=0.0 if progress else PROGRESS_DELAY_S,
         leave=False,
     )
-    nngp = ntk = cov1 = cov2 = None
-    first: Kernel | None = None
     try:
-        for i, j in tiles:
-            (a0, a1), (b0, b1) = rows[i], cols[j]
-            other = None if symmetric and i == j else xb[b0:b1]
-            k = _single(layer, x1[a0:a1], other, need_ntk, full_in, out_full)
-            if first is None:
-                first = k
-                rest = tuple(k.nngp.shape[2:])
-                nngp = k.nngp.new_empty((n1, n2) + rest)
-                ntk = None if k.ntk is None else k.ntk.new_empty((n1, n2) + rest)
-                cov1 = k.cov1.new_empty((n1,) + tuple(k.cov1.shape[1:]))
-                cov2 = None if symmetric else k.cov1.new_empty((n2,) + tuple(k.cov1.shape[1:]))
-            full = k.is_full_spatial
-            nngp[a0:a1, b0:b1] = k.nngp  # type: ignore[index]
-            if ntk is not None:
-                ntk[a0:a1, b0:b1] = k.ntk
-            if symmetric:
-                if i == j:
-                    cov1[a0:a1] = k.cov1  # type: ignore[index]
-                else:
-                    nngp[b0:b1, a0:a1] = _mirror(k.nngp, full)  # type: ignore[index]
-                    if ntk is not None:
-                        ntk[b0:b1, a0:a1] = _mirror(k.ntk, full)  # type: ignore[arg-type]
-            else:
-                if j == 0:
-                    cov1[a0:a1] = k.cov1  # type: ignore[index]
-                if i == 0:
-                    cov2[b0:b1] = k.cov2  # type: ignore[index]
-            bar.update(1)
+        first = compute(tiles[0])
+        rest = tuple(first.nngp.shape[2:])
+        out["nngp"] = first.nngp.new_empty((n1, n2) + rest)
+        out["ntk"] = None if first.ntk is None else first.ntk.new_empty((n1, n2) + rest)
+        per_example = tuple(first.cov1.shape[1:])
+        out["cov1"] = first.cov1.new_empty((n1,) + per_example)
+        out["cov2"] = None if symmetric else first.cov1.new_empty((n2,) + per_example)
+        store(tiles[0], first)
+        bar.update(1)
+        workers = _tile_workers(x1, len(tiles) - 1)
+        if workers > 1 and not first.nngp.requires_grad:  # no autograd graph to share
+            with _single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
+                futures = {pool.submit(compute, t): t for t in tiles[1:]}
+                for fut in as_completed(futures):
+                    store(futures[fut], fut.result())
+                    bar.update(1)
+        else:
+            for tile in tiles[1:]:
+                store(tile, compute(tile))
+                bar.update(1)
     finally:
         bar.close()
-    assert first is not None
     return first.replace(
-        nngp=nngp,
-        ntk=ntk,
-        cov1=cov1,
-        cov2=cov2,
+        nngp=out["nngp"],
+        ntk=out["ntk"],
+        cov1=out["cov1"],
+        cov2=out["cov2"],
         shape1=(n1,) + tuple(first.shape1[1:]),
         shape2=(n2,) + tuple(first.shape2[1:]),
         pair_index=None,
