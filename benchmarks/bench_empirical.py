@@ -296,7 +296,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=180.0)
+    ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument(
         "--mem-gb",
         type=float,

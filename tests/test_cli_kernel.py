@@ -89,7 +89,7 @@ def test_cli_matches_kernel_fn(data: Path, x2: bool) -> None:
     store = open_kernel_store(out)
     for name in store.names:
         want = NET.kernel_fn(x1, other, name).numpy()
-        np.testing.assert_allclose(store.to_numpy(name), want, rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(store.to_numpy(name), want, rtol=1e-10, atol=1e-12)
     summary = json.loads((data / "s.json").read_text())
     assert summary["total_tiles"] == len(summary["computed"]) == (8 if x2 else 10)
     assert main(argv) == 0  # a rerun reuses everything
@@ -127,7 +127,7 @@ def test_cli_on_a_dask_scheduler(data: Path) -> None:
     np.testing.assert_allclose(
         open_kernel_store(data / "K.zarr").to_numpy("nngp"),
         NET.kernel_fn(x1, None, "nngp").numpy(),
-        rtol=1e-7,
+        rtol=1e-10,
     )
 
 

@@ -121,6 +121,15 @@ def test_only_upper_triangle_of_tiles(monkeypatch):
     assert sum(b is None for _, b in seen) == 4  # diagonal tiles are symmetric problems
 
 
+def test_threads_restored_after_parallel_tiles():
+    """Tiles run on worker threads with single-threaded ops; the setting is restored."""
+    threads = torch.get_num_threads()
+    net, x = _gap_net(), _x((12, 1, 4, 5))
+    k = net.kernel_fn(x, None, "ntk", batch_size=3)
+    assert torch.get_num_threads() == threads
+    _close(k, net.kernel_fn(x, None, "ntk"))
+
+
 def test_progress_bar(capsys):
     net, x = _flat_net(), _x((8, 2, 5, 4))
     k = net.kernel_fn(x, None, "nngp", batch_size=2, progress=True)

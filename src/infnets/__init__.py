@@ -7,9 +7,9 @@ finite-width side (:mod:`infnets.empirical`). Optional integrations live in
 :mod:`infnets.plot` and are imported on demand.
 """
 
-from infnets import predict, stax
+from infnets import empirical, predict, stax
 from infnets._src.kernel import Kernel
 
 __version__ = "0.1.0"
 
-__all__ = ["Kernel", "predict", "stax", "__version__"]
+__all__ = ["Kernel", "empirical", "predict", "stax", "__version__"]

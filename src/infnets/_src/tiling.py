@@ -48,9 +48,11 @@ __all__ = [
     "BUDGET_FRACTION",
 ]
 
-#: working copies of each kept covariance alive at once inside a layer (new values,
-#: NTK temporaries, the previous layer's record); measured peak ~2.5 on CPU
-TEMPORARIES = 3.0
+#: working copies of each kept covariance alive at once inside a layer (the previous
+#: and new records, the maps' temporaries, gathered variances); peak RSS measured on
+#: CPU: 4 (pixel pairs, GlobalAvgPool net) to 5 (per-position, Flatten net) per kept
+#: covariance (NNGP, NTK)
+TEMPORARIES = 5.0
 #: fraction of the free memory (RAM, or GPU memory on CUDA) used by default
 BUDGET_FRACTION = 0.5
 #: show the progress bar (progress=None) only when a run takes longer than this
@@ -470,7 +472,9 @@ def kernel_fn(
                 f"{_human(out_per_pair)} each, needs more than the memory budget of "
                 f"{_human(budget)}; compute it in row blocks (x1[i:j]) or raise memory_budget."
             )
-        side = min(max(1, int(math.isqrt(int(avail // per_pair)))), cache_side)
+        # tiles run side by side on CPU threads (see _tile_workers): each needs its share
+        workers = max(1, _tile_workers(x1, 1 << 30))
+        side = min(max(1, int(math.isqrt(int(avail // (per_pair * workers))))), cache_side)
     else:
         side = batch_size
     return select(_tiled(layer, x1, x2, need_ntk, full_in, out_full, side, progress), get)
