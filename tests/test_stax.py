@@ -844,3 +844,34 @@ def test_init_fn_bad_key_and_shape():
         NET.init_fn("0", (-1, 5))
     with pytest.raises(TypeError, match="input_shape"):
         NET.init_fn(0, [-1, 5.0])
+
+
+def test_threaded_blocks_equal_one_block() -> None:
+    """The fully-connected path splits the pair grid into blocks run on several threads;
+    assembled (and mirrored for x2=None) they equal one evaluation of the whole grid."""
+    from infnets._src.chunks import evaluate_fc
+
+    net = stax.serial(
+        stax.Dense(64, W_std=1.4, b_std=0.1),
+        stax.Relu(),
+        stax.Dense(64, W_std=1.4, b_std=0.1),
+        stax.Erf(),
+        stax.Dense(1, W_std=1.4, b_std=0.1),
+    )
+    gen = torch.Generator().manual_seed(3)
+    x1 = torch.randn(97, 5, dtype=torch.float64, generator=gen)
+    x2 = torch.randn(41, 5, dtype=torch.float64, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for a, b in ((x1, None), (x1, x2)):
+            blocks = evaluate_fc(net, a, b, need_ntk=True, chunk=300)
+            whole = evaluate_fc(net, a, b, need_ntk=True, chunk=10**9)
+            torch.testing.assert_close(blocks.nngp, whole.nngp, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(blocks.ntk, whole.ntk, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(blocks.cov1, whole.cov1, rtol=1e-12, atol=1e-12)
+            if b is None:
+                assert torch.equal(blocks.nngp, blocks.nngp.T)
+                assert torch.equal(blocks.ntk, blocks.ntk.T)
+    finally:
+        torch.set_num_threads(before)
