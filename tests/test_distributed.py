@@ -470,3 +470,21 @@ def test_is_stored_kernel_and_unsupported_options(tmp_path: Path) -> None:
         dist.gp_inference(ks, y[:, :, None].expand(12, 2, 3), trace_axes=(-1,))
     fn = dist.gp_inference(ks, y[:, :, None].expand(12, 2, 3), 1e-3, False, (1, 2))
     assert fn("nngp").shape == (12, 2, 3)
+
+
+def test_predict_gp_inference_accepts_a_stored_kernel() -> None:
+    """predict.gp_inference dispatches Dask arrays to the at-scale solver, same answer."""
+    import dask.array as da
+
+    from infnets import predict
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, dtype=torch.float64, generator=gen)
+    y = torch.sin(x[:, :1])
+    net = stax.serial(stax.Dense(8, W_std=1.5, b_std=0.1), stax.Relu(), stax.Dense(1))
+    k = net.kernel_fn(x, None, "nngp")
+    k_xt = net.kernel_fn(x[:5], x, "nngp")
+    direct = predict.gp_inference(k, y, diag_reg=1e-3)("nngp", k_xt)
+    lazy = da.from_array(k.numpy(), chunks=16)
+    scaled = predict.gp_inference(lazy, y, diag_reg=1e-3)("nngp", k_xt)
+    np.testing.assert_allclose(np.asarray(scaled), direct.numpy(), rtol=1e-6, atol=1e-8)

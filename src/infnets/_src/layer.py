@@ -182,7 +182,8 @@ def input_kernel(x1: Tensor, x2: Tensor | None, need_ntk: bool) -> Kernel:
     cov1 = (x1 * x1).sum(-1) / d
     n1 = x1.shape[0]
     if x2 is None:
-        nngp = x1 @ x1.T / d
+        nngp = x1 @ x1.T
+        nngp = nngp.add(nngp.T).mul_(0.5 / d)  # exactly symmetric
         # the variances are the Gram matrix's own diagonal, bit for bit: every kernel
         # map then sees correlation exactly 1 on diagonal pairs, where maps such as
         # sqrt(1 - rho^2) would turn a rounding error e into an error sqrt(e)

@@ -167,7 +167,21 @@ def gp_inference(
         >>> mean, cov = predict_fn('nngp', k[5:, :5], k[5:, 5:])
         >>> mean.shape, cov.shape
         (torch.Size([2, 1]), torch.Size([2, 2]))
+
+    Kernels too large for memory: pass a kernel store written by
+    :func:`infnets.distributed.compute_kernel` (its path or the store), a zarr or a Dask
+    array as ``k_train_train``; solves then run by blocked Cholesky where the matrix
+    fits and by preconditioned conjugate gradients with tiled products where it does
+    not (:func:`infnets.distributed.gp_inference`, same ``predict_fn`` interface).
     """
+    from infnets._src.scale_solve import is_stored_kernel  # never imports dask
+
+    if is_stored_kernel(k_train_train):
+        from infnets.distributed import gp_inference as at_scale
+
+        return at_scale(
+            k_train_train, y_train, diag_reg, diag_reg_absolute_scale, trace_axes, jitter=jitter
+        )
     diag_reg = pc.check_nonneg(diag_reg, "diag_reg", _FN)
     if jitter not in (None, "auto"):
         raise ValueError(f"{_FN}: jitter must be None or 'auto', got {jitter!r}.")
