@@ -847,7 +847,7 @@ def test_init_fn_bad_key_and_shape():
 
 
 def test_threaded_blocks_equal_one_block() -> None:
-    """The fully-connected path splits the pair grid into blocks run on several threads;
+    """The fully-connected path splits the pair grid into blocks (torch using 2 threads);
     assembled (and mirrored for x2=None) they equal one evaluation of the whole grid."""
     from infnets._src.chunks import evaluate_fc
 

@@ -130,7 +130,10 @@ class Dense(Layer):
         ntk = k.ntk
         if ntk is not None:
             if self.parameterization == "ntk":
-                ntk = (ntk * w2).add_(nngp)
+                if isinstance(w2, float):
+                    ntk = torch.add(nngp, ntk, alpha=w2)
+                else:
+                    ntk = (ntk * w2).add_(nngp)
             else:
                 n_in = k.width
                 ntk = n_in * k.nngp + w2 * ntk

@@ -185,13 +185,12 @@ class ABRelu(ElementwiseLayer):
         # rho = c / sqrt(q1 q2) is exactly 1 for c = q1 = q2 (a correctly rounded sqrt
         # of a square), and sqrt(1 - rho^2) then exactly 0; both maps see the same rho,
         # since near rho = 1 rounding errors grow like their square root.
-        tiny = torch.finfo(c.dtype).tiny
-        scale = (q1 * q2).clamp_(min=tiny).sqrt_()
+        floor = torch.finfo(c.dtype).tiny ** 0.5  # variances are clamped per example
+        scale = torch.mul(q1.clamp(min=floor), q2.clamp(min=floor)).sqrt_()
         rho = torch.div(c, scale).clamp_(-1.0, 1.0)
         root = torch.addcmul(torch.ones_like(rho), rho, rho, value=-1).clamp_(min=0).sqrt_()
-        root = root.mul_(scale)
         dot = rho.asin_().mul_(g).add_(s2)
-        nngp = root.mul_(g).addcmul_(c, dot)
+        nngp = torch.mul(c, dot).addcmul_(root, scale, value=g)
         return nngp, dot if need_dot else None
 
     def nngp_map(self, c: Tensor, q1: Tensor, q2: Tensor) -> Tensor:

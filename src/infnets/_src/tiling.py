@@ -24,8 +24,10 @@ r"""Evaluating ``kernel_fn``: input kernels, spatial layouts, memory budget and 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
@@ -495,6 +497,26 @@ def _tile_workers(x1: Tensor, n_tiles: int) -> int:
     return min(threads, n_tiles)
 
 
+def _load_malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+#: completed tiles between two returns of freed heap memory to the OS (see _tiled)
+TRIM_EVERY = 16
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 @contextlib.contextmanager
 def _single_threaded_ops() -> Iterator[None]:
     """Torch ops of threads started inside run on one thread; restored on exit."""
@@ -573,11 +595,17 @@ def _tiled(
         bar.update(1)
         workers = _tile_workers(x1, len(tiles) - 1)
         if workers > 1 and not first.nngp.requires_grad:  # no autograd graph to share
+            # Tiles whose multi-megabyte temporaries interleave on several threads
+            # fragment glibc's heap: freed memory is kept and the resident size grows
+            # with the number of tiles (to tens of GB for 10^4 tiles). Returning the free
+            # pages every few tiles keeps the peak at a few tiles' worth.
             with _single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
                 futures = {pool.submit(compute, t): t for t in tiles[1:]}
-                for fut in as_completed(futures):
-                    store(futures[fut], fut.result())
+                for done, fut in enumerate(as_completed(futures), 1):
+                    store(futures.pop(fut), fut.result())
                     bar.update(1)
+                    if done % TRIM_EVERY == 0:
+                        _trim_heap()
         else:
             for tile in tiles[1:]:
                 store(tile, compute(tile))
