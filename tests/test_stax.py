@@ -846,32 +846,86 @@ def test_init_fn_bad_key_and_shape():
         NET.init_fn(0, [-1, 5.0])
 
 
-def test_threaded_blocks_equal_one_block() -> None:
-    """The fully-connected path splits the pair grid into blocks (torch using 2 threads);
-    assembled (and mirrored for x2=None) they equal one evaluation of the whole grid."""
-    from infnets._src.chunks import evaluate_fc
-
-    net = stax.serial(
+FUSED_NETS = {
+    "relu-erf": lambda: stax.serial(
         stax.Dense(64, W_std=1.4, b_std=0.1),
         stax.Relu(),
         stax.Dense(64, W_std=1.4, b_std=0.1),
         stax.Erf(),
         stax.Dense(1, W_std=1.4, b_std=0.1),
-    )
+    ),
+    "leaky-abs-nobias": lambda: stax.serial(
+        stax.Dense(64, W_std=1.2),
+        stax.LeakyRelu(0.2),
+        stax.serial(stax.Dense(64, W_std=0.9), stax.Abs()),
+        stax.Dense(3, W_std=1.1),
+    ),
+    "erf-abc-trailing": lambda: stax.serial(
+        stax.Dense(64, W_std=1.0, b_std=0.3),
+        stax.Dense(64, W_std=1.3, b_std=0.2),  # two affine layers in a row
+        stax.Erf(a=1.5, b=0.7, c=0.2),
+        stax.Dense(64, W_std=1.4, b_std=0.1),
+        stax.ABRelu(-0.5, 2.0),  # ends with an activation: no readout
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED_NETS))
+@pytest.mark.parametrize("need_ntk", [True, False])
+def test_threaded_blocks_equal_one_block(name: str, need_ntk: bool) -> None:
+    """The fully-connected path splits the pair grid into blocks (torch using 2 threads)
+    and runs the fused plan (per-example variance chains, activations fused with the
+    next Dense); assembled and mirrored for x2=None, the blocks equal the layer-by-layer
+    evaluation of the whole grid, an independent code path."""
+    from infnets._src.chunks import evaluate_fc, fc_plan
+
+    net = FUSED_NETS[name]()
+    assert fc_plan(net) is not None
     gen = torch.Generator().manual_seed(3)
     x1 = torch.randn(97, 5, dtype=torch.float64, generator=gen)
+    x1[7] = x1[3]  # a duplicated example: correlation 1 off the diagonal
+    x1[11] = 0.0  # a zero-norm example
     x2 = torch.randn(41, 5, dtype=torch.float64, generator=gen)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for a, b in ((x1, None), (x1, x2)):
-            blocks = evaluate_fc(net, a, b, need_ntk=True, chunk=300)
-            whole = evaluate_fc(net, a, b, need_ntk=True, chunk=10**9)
+            blocks = evaluate_fc(net, a, b, need_ntk=need_ntk, chunk=300)
+            whole = evaluate_fc(net, a, b, need_ntk=need_ntk, chunk=10**9)
             torch.testing.assert_close(blocks.nngp, whole.nngp, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(blocks.ntk, whole.ntk, rtol=1e-12, atol=1e-12)
+            if need_ntk:
+                torch.testing.assert_close(blocks.ntk, whole.ntk, rtol=1e-12, atol=1e-12)
+            else:
+                assert blocks.ntk is None and whole.ntk is None
             torch.testing.assert_close(blocks.cov1, whole.cov1, rtol=1e-12, atol=1e-12)
+            assert blocks.shape1 == whole.shape1 and blocks.shape2 == whole.shape2
+            assert blocks.is_gaussian == whole.is_gaussian
             if b is None:
                 assert torch.equal(blocks.nngp, blocks.nngp.T)
-                assert torch.equal(blocks.ntk, blocks.ntk.T)
+                if need_ntk:
+                    assert torch.equal(blocks.ntk, blocks.ntk.T)
+                # diagonal pairs see correlation exactly 1: the diagonal is the variance
+                torch.testing.assert_close(blocks.nngp.diagonal(), blocks.cov1, rtol=1e-14, atol=0)
+                # the duplicated example's pair equals the diagonal to round-off, not 1e-8
+                torch.testing.assert_close(blocks.nngp[3, 7], blocks.nngp[3, 3], rtol=1e-13, atol=0)
+            else:
+                torch.testing.assert_close(blocks.cov2, whole.cov2, rtol=1e-12, atol=1e-12)
     finally:
         torch.set_num_threads(before)
+
+
+def test_fc_plan_falls_back_where_it_does_not_apply() -> None:
+    """Only Dense (NTK parameterization, float hyper-parameters) and fused activations
+    after a Dense form a plan; everything else is evaluated layer by layer."""
+    from infnets._src.chunks import fc_plan
+
+    assert fc_plan(stax.serial(stax.Dense(8, parameterization="standard"), stax.Relu())) is None
+    assert fc_plan(stax.serial(stax.Dense(8), stax.Gelu())) is None
+    assert fc_plan(stax.serial(stax.Relu(), stax.Dense(8))) is None
+    assert fc_plan(stax.serial(stax.Dense(8), stax.Relu(), stax.Relu())) is None
+    w = torch.tensor(1.5, dtype=torch.float64)
+    assert fc_plan(stax.serial(stax.Dense(8, W_std=w), stax.Relu())) is None
+    plan = fc_plan(stax.serial(stax.Dense(8, W_std=2.0, b_std=0.5), stax.Relu(), stax.Dense(1)))
+    assert plan is not None and len(plan) == 2
+    assert plan[0].act is None and (plan[0].w2, plan[0].b2) == (4.0, 0.25)
+    assert plan[1].dense and (plan[1].w2, plan[1].b2) == (1.0, 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -9,14 +10,15 @@ from torch import Tensor
 
 from infnets._src.kernel import Kernel
 
-__all__ = ["PAIR_CHUNK", "evaluate_fc"]
+__all__ = ["PAIR_CHUNK", "evaluate_fc", "fc_plan"]
 
-#: pairs of examples per block on the fully-connected path: the temporaries of a
-#: block (2 MB each in float64) stay in the CPU's cache between layers, and each
-#: torch op on a block is large enough for torch's intra-op threads to pay off
-#: (measured on 2 cores: 0.77 s for the 4000-example benchmark, against 2.0 s
-#: with 32K-pair blocks on a thread pool, which the GIL serialises)
-PAIR_CHUNK = 1 << 18
+#: pairs of examples per block and per torch thread on the fully-connected path:
+#: a block's temporaries (256 KB each per thread in float64) stay in the CPU's
+#: cache between layers, and each torch op on a block is still large enough
+#: (~30 us) for its fixed cost and torch's intra-op threads to pay off. Measured
+#: on 2 cores, 4000 examples: per-thread blocks of 16K-64K pairs are within noise
+#: of each other; 256K-pair blocks are ~15% slower (temporaries spill the cache).
+PAIR_CHUNK = 1 << 15
 
 
 def _joined(layer: Any, k_out: Any) -> Kernel:
@@ -29,7 +31,7 @@ def _joined(layer: Any, k_out: Any) -> Kernel:
 
 
 def evaluate_fc(
-    layer: Any, x1: Tensor, x2: Tensor | None, need_ntk: bool, chunk: int = PAIR_CHUNK
+    layer: Any, x1: Tensor, x2: Tensor | None, need_ntk: bool, chunk: int | None = None
 ) -> Kernel:
     """Kernels of a fully-connected network, computed block by block.
 
@@ -39,6 +41,12 @@ def evaluate_fc(
     and the blocks assembled give exactly the whole. Blocks of ``chunk`` pairs
     keep every temporary of the elementwise maps in cache and bound the scratch
     memory; torch's intra-op threads parallelise each op of a block.
+
+    Networks that :func:`fc_plan` recognises (Dense layers in the NTK
+    parameterization and activations with fused pair maps: the ReLU family and
+    Erf) skip the layer-by-layer records: the per-example variances of every
+    layer are computed once for all examples, and each block runs only the pair
+    maps, each activation fused with the ``Dense`` after it.
 
     For ``x2 = None`` only the upper triangle is computed: block ``b`` holds rows
     ``r0:r1`` against columns ``r0:N`` and is mirrored into columns ``r0:r1``. The
@@ -50,7 +58,7 @@ def evaluate_fc(
         x1: ``(N1, d)`` inputs.
         x2: ``(N2, d)`` inputs or ``None``.
         need_ntk: compute the NTK as well as the NNGP.
-        chunk: pairs per block.
+        chunk: pairs per block (default: ``PAIR_CHUNK`` per torch thread).
 
     Returns:
         The output :class:`Kernel` in the dense ``(N1, N2)`` layout.
@@ -62,21 +70,37 @@ def evaluate_fc(
     )
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
+    if chunk is None:
+        chunk = PAIR_CHUNK * torch.get_num_threads()
     if grad or n1 * n2 <= chunk:
         return _joined(layer, layer.kernel(input_kernel(x1, x2, need_ntk))).to_dense()
 
     d = x1.shape[1]
-    if x2 is None:
-        gram = x1 @ x1.T
-        gram = gram.add_(gram.T.clone()).mul_(0.5 / d)  # exactly symmetric
-        cov1 = gram.diagonal().clone()
-        cov2 = cov1
-    else:
-        gram = (x1 @ x2.T).div_(d)
-        cov1, cov2 = (x1 * x1).sum(-1) / d, (x2 * x2).sum(-1) / d
+    symmetric = x2 is None
+    xs = x1 if x2 is None else x2
+    cov1 = (x1 * x1).sum(-1) / d
+    cov2 = cov1 if x2 is None else (x2 * x2).sum(-1) / d
 
-    def block(r0: int, r1: int, c0: int) -> Kernel:
-        nngp = gram[r0:r1, c0:]
+    plan = fc_plan(layer)
+    chains = None
+    if plan is not None:
+        chains = (_variance_chain(plan, cov1), None if symmetric else _variance_chain(plan, cov2))
+
+    def block(r0: int, r1: int, c0: int) -> Kernel | tuple[Tensor, Tensor | None]:
+        # the input Gram block of these pairs, formed here: no (N1, N2) Gram matrix
+        nngp = (x1[r0:r1] @ xs[c0:].T).div_(d)
+        if symmetric:
+            # the square of diagonal pairs is made exactly symmetric, with the
+            # variances on its diagonal bit for bit, so diagonal pairs have
+            # correlation exactly 1 and the assembled kernel is exactly symmetric
+            sq = nngp[:, : r1 - r0]
+            sq.copy_(torch.triu(sq, 1) + torch.triu(sq, 1).T)
+            sq.diagonal().copy_(cov1[r0:r1])
+        if plan is not None:
+            assert chains is not None
+            rows = chains[0]
+            cols = rows if chains[1] is None else chains[1]
+            return _run_plan(plan, nngp, need_ntk, rows, cols, r0, r1, c0)
         k = Kernel(
             nngp=nngp,
             ntk=torch.zeros_like(nngp) if need_ntk else None,
@@ -89,9 +113,8 @@ def evaluate_fc(
         )
         return _joined(layer, layer.kernel(k))
 
-    out_nngp = gram.new_empty((n1, n2))
+    out_nngp = x1.new_empty((n1, n2))
     out_ntk = torch.empty_like(out_nngp) if need_ntk else None
-    symmetric = x2 is None
     bounds = []
     r0 = 0
     while r0 < n1:
@@ -100,30 +123,156 @@ def evaluate_fc(
         bounds.append((r0, r1))
         r0 = r1
 
-    def run(b: tuple[int, int]) -> Kernel:
+    def run(b: tuple[int, int]) -> Kernel | None:
         r0, r1 = b
         c0 = r0 if symmetric else 0
         k = block(r0, r1, c0)
-        for out, val in ((out_nngp, k.nngp), (out_ntk, k.ntk)):
-            if out is None:
+        vals = (k.nngp, k.ntk) if isinstance(k, Kernel) else k
+        for out, val in zip((out_nngp, out_ntk), vals):
+            if out is None or val is None:
                 continue
             out[r0:r1, c0:] = val
             if symmetric:
                 out[r1:, r0:r1] = val[:, r1 - r0 :].T
-        return k
+        return k if isinstance(k, Kernel) else None
 
     parts = [run(b) for b in bounds]
+    if plan is not None:
+        assert chains is not None
+        # the record's metadata (shapes, flags) from the layers on one pair
+        meta = _joined(layer, layer.kernel(input_kernel(x1[:1], None, need_ntk)))
+        return meta.replace(
+            nngp=out_nngp,
+            ntk=out_ntk,
+            cov1=chains[0][-1],
+            cov2=None if symmetric else chains[1][-1],  # type: ignore[index]
+            shape1=(n1,) + tuple(meta.shape1[1:]),
+            shape2=(n2,) + tuple(meta.shape2[1:]),
+            n1=n1,
+            n2=n2,
+        )
     last = parts[-1]
+    assert last is not None
     return last.replace(
         nngp=out_nngp,
         ntk=out_ntk,
-        cov1=torch.cat([p.cov1 for p in parts]),
+        cov1=torch.cat([p.cov1 for p in parts if p is not None]),
         cov2=None if symmetric else last.cov2,
         shape1=(n1,) + tuple(last.shape1[1:]),
         shape2=(n2,) + tuple(last.shape2[1:]),
         n1=n1,
         n2=n2,
     )
+
+
+# ---------------------------------------------------------------- fused plans
+@dataclasses.dataclass
+class PlanStep:
+    """One step of a fused fully-connected plan.
+
+    ``act is None``: a ``Dense`` layer, ``K' = b2 + w2 K``, ``Theta' = K' + w2 Theta``.
+    Otherwise an activation with ``pair_factors``/``pair_maps``, followed by the
+    affine layer ``(w2, b2)`` when ``dense`` (``K' = b2 + w2 E[phi phi]``,
+    ``Theta' = K' + w2 E[phi' phi'] Theta``), or last in the network when not
+    (``K' = E[phi phi]``, ``Theta' = E[phi' phi'] Theta``).
+    """
+
+    act: Any
+    w2: float = 1.0
+    b2: float = 0.0
+    dense: bool = True
+
+
+def _flatten(layer: Any) -> list[Any]:
+    from infnets._src.combinators import Serial
+
+    if isinstance(layer, Serial):
+        return [leaf for sub in layer.layers for leaf in _flatten(sub)]
+    return [layer]
+
+
+def fc_plan(layer: Any) -> list[PlanStep] | None:
+    """The fused plan of a network of Dense layers and fused activations, else ``None``.
+
+    Recognised: a (nested) ``serial`` that starts with a ``Dense`` in the NTK
+    parameterization with float hyper-parameters, then any sequence of such
+    ``Dense`` layers and activations that define ``pair_factors``/``pair_maps``
+    (ReLU family, Erf), each activation right after a ``Dense``. Anything else
+    (standard parameterization, tensor hyper-parameters, other layers) returns
+    ``None`` and is evaluated layer by layer, with the same results.
+    """
+    from infnets._src.dense import Dense
+
+    steps: list[PlanStep] = []
+    prev_dense = False
+    for leaf in _flatten(layer):
+        if isinstance(leaf, Dense):
+            w, b = leaf.W_std, leaf.b_std
+            if leaf.parameterization != "ntk" or not isinstance(w, (int, float)):
+                return None
+            if b is not None and not isinstance(b, (int, float)):
+                return None
+            w2, b2 = float(w) ** 2, 0.0 if b is None else float(b) ** 2
+            if steps and steps[-1].act is not None and not steps[-1].dense:
+                steps[-1].w2, steps[-1].b2, steps[-1].dense = w2, b2, True
+            else:
+                steps.append(PlanStep(None, w2, b2))
+            prev_dense = True
+        elif hasattr(leaf, "pair_maps") and prev_dense:
+            steps.append(PlanStep(leaf, dense=False))
+            prev_dense = False
+        else:
+            return None
+    return steps or None
+
+
+def _variance_chain(plan: list[PlanStep], q: Tensor) -> list[Any]:
+    """Per-example factors of every activation step, then the output variances (last)."""
+    chain: list[Any] = []
+    for step in plan:
+        if step.act is None:
+            q = torch.add(_scalar(step.b2, q), q, alpha=step.w2)
+            continue
+        f = step.act.pair_factors(q)
+        chain.append(f)
+        q = step.act.pair_maps(q, f[0], f[1], False, step.w2, step.b2)[0]
+    chain.append(q)
+    return chain
+
+
+def _run_plan(
+    plan: list[PlanStep],
+    c: Tensor,
+    need_ntk: bool,
+    rows: list[Any],
+    cols: list[Any],
+    r0: int,
+    r1: int,
+    c0: int,
+) -> tuple[Tensor, Tensor | None]:
+    """The plan on one block of pairs: rows ``r0:r1`` against columns ``c0:``."""
+    t: Tensor | None = None  # the NTK; None while it is zero (before any parameter)
+    i = 0
+    for step in plan:
+        if step.act is None:
+            c = torch.add(_scalar(step.b2, c), c, alpha=step.w2)
+            if need_ntk:
+                t = c if t is None else torch.add(c, t, alpha=step.w2)
+            continue
+        f1 = rows[i][0][r0:r1, None]
+        f2 = cols[i][1][None, c0:]
+        i += 1
+        new, dot = step.act.pair_maps(c, f1, f2, need_ntk and t is not None, step.w2, step.b2)
+        if t is not None and dot is not None:
+            t = torch.addcmul(new, dot, t) if step.dense else dot.mul_(t)
+        elif need_ntk and step.dense:
+            t = new
+        c = new
+    return c, t
+
+
+def _scalar(value: float, like: Tensor) -> Tensor:
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 def _has_grad_params(layer: Any) -> bool:

@@ -144,6 +144,22 @@ class ElementwiseLayer(Layer):
         return False
 
 
+def _one(like: Tensor) -> Tensor:
+    """A 0-d one of ``like``'s dtype and device (broadcasts in fused ops)."""
+    return torch.ones((), dtype=like.dtype, device=like.device)
+
+
+def _full(value: float, like: Tensor) -> Tensor:
+    """A 0-d ``value`` of ``like``'s dtype and device (broadcasts in fused ops)."""
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+def _sqrt_one_minus_square(rho: Tensor) -> Tensor:
+    """``sqrt(1 - rho^2)`` for ``|rho| <= 1``, as ``u rsqrt(u)`` (cheaper than ``sqrt`` on CPU)."""
+    u = torch.addcmul(_one(rho), rho, rho, value=-1)  # >= 0 exactly when |rho| <= 1
+    return torch.clamp(u, min=torch.finfo(rho.dtype).tiny).rsqrt_().mul_(u)
+
+
 # --------------------------------------------------------------------- ReLU family
 @dataclasses.dataclass(frozen=True, eq=False)
 class ABRelu(ElementwiseLayer):
@@ -178,20 +194,44 @@ class ABRelu(ElementwiseLayer):
     ) -> tuple[Tensor, Tensor | None]:
         if sm.needs_grad(c, q1, q2):
             return super().maps(c, q1, q2, need_dot)
-        # Fused, in-place evaluation (no autograd): with t = q1 q2,
-        # sqrt(t) (sqrt(1 - rho^2) + rho asin rho) = sqrt(t - c^2) + c asin(rho), so
-        # K' = (2 d^2 / pi) sqrt(t - c^2) + c E[phi' phi'] and E[phi' phi'] = s^2 + (2 d^2/pi) asin.
+        return self.pair_maps(c, self.pair_factors(q1)[0], self.pair_factors(q2)[1], need_dot)
+
+    def pair_factors(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-example factors of :meth:`pair_maps`: ``sqrt(q)`` shrunk by 3 ulps (twice).
+
+        The scale ``sqrt(q1 q2)`` of a pair is the product of per-example roots
+        (one square root per example, not per pair). Rounding leaves that product
+        and the division ``c / scale`` an ulp or two off, so each root is shrunk
+        by 3 ulps: a pair with ``c = sqrt(q1 q2)`` up to rounding (every diagonal
+        pair) gets ``rho`` exactly 1 after clamping, where ``sqrt(1 - rho^2)``
+        would turn one ulp into an error of ``1e-8``; elsewhere ``rho`` moves by
+        ``7e-16`` relative. The product is commutative, so pairs ``(i, j)`` and
+        ``(j, i)`` get the same value bit for bit. Zero variances are floored at
+        ``sqrt(tiny)``, so zero-norm inputs get ``rho = 0``.
+        """
+        info = torch.finfo(q.dtype)
+        root = q.clamp(min=info.tiny**0.5).sqrt_().mul_(1 - 3 * info.eps)
+        return root, root
+
+    def pair_maps(
+        self, c: Tensor, f1: Tensor, f2: Tensor, need_dot: bool, w2: float = 1.0, b2: float = 0.0
+    ) -> tuple[Tensor, Tensor | None]:
+        """Fused no-grad maps followed by an affine layer: ``b2 + w2 K'`` and ``w2 E[phi' phi']``.
+
+        With ``rho = c / (f1 f2)`` (``f1``, ``f2``: the two examples' roots from
+        :meth:`pair_factors`):
+        ``sqrt(q1 q2) (sqrt(1 - rho^2) + rho asin rho) = sqrt(q1 q2) sqrt(1 - rho^2) + c asin rho``,
+        so ``K' = g sqrt(q1 q2) sqrt(1 - rho^2) + c E[phi' phi']`` with
+        ``E[phi' phi'] = s^2 + g asin rho`` and ``g = 2 d^2 / pi``.
+        """
         s2, g = ((self.a + self.b) / 2) ** 2, 2 * ((self.b - self.a) / 2) ** 2 / math.pi
-        # rho = c / sqrt(q1 q2) is exactly 1 for c = q1 = q2 (a correctly rounded sqrt
-        # of a square), and sqrt(1 - rho^2) then exactly 0; both maps see the same rho,
-        # since near rho = 1 rounding errors grow like their square root.
-        floor = torch.finfo(c.dtype).tiny ** 0.5  # variances are clamped per example
-        scale = torch.mul(q1.clamp(min=floor), q2.clamp(min=floor)).sqrt_()
+        scale = torch.mul(f1, f2)
         rho = torch.div(c, scale).clamp_(-1.0, 1.0)
-        root = torch.addcmul(torch.ones_like(rho), rho, rho, value=-1).clamp_(min=0).sqrt_()
-        dot = rho.asin_().mul_(g).add_(s2)
-        nngp = torch.mul(c, dot).addcmul_(root, scale, value=g)
-        return nngp, dot if need_dot else None
+        root = _sqrt_one_minus_square(rho)
+        dot = rho.asin_().mul_(w2 * g).add_(w2 * s2)
+        new = torch.mul(c, dot) if b2 == 0 else torch.addcmul(_full(b2, c), c, dot)
+        new.addcmul_(root, scale, value=w2 * g)
+        return new, dot if need_dot else None
 
     def nngp_map(self, c: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
         s, d = (self.a + self.b) / 2, (self.b - self.a) / 2
@@ -313,17 +353,35 @@ class Erf(ElementwiseLayer):
     ) -> tuple[Tensor, Tensor | None]:
         if sm.needs_grad(k, q1, q2):
             return super().maps(k, q1, q2, need_dot)
-        # Fused, in-place: r = 1 / sqrt((1 + 2b^2 q1)(1 + 2b^2 q2)), z = 2 b^2 k r;
-        # K' = (2a^2/pi) asin(z) + c^2 and E[phi' phi'] = (4 a^2 b^2 / pi) r / sqrt(1 - z^2).
-        b2 = 2 * self.b**2
-        r = torch.mul(q1 * b2 + 1, q2 * b2 + 1).rsqrt_()
-        z = (k * b2).mul_(r).clamp_(-1.0, 1.0)
+        return self.pair_maps(k, self.pair_factors(q1)[0], self.pair_factors(q2)[1], need_dot)
+
+    def pair_factors(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-example factors of :meth:`pair_maps`: ``sqrt(2) |b| / sqrt(1 + 2 b^2 q)`` (twice).
+
+        Their product is ``2 b^2 / sqrt((1 + 2b^2 q1)(1 + 2b^2 q2))``: one reciprocal
+        square root per example instead of one per pair, and a commutative product,
+        so pairs ``(i, j)`` and ``(j, i)`` get the same value bit for bit.
+        """
+        r = (q * (2 * self.b**2) + 1).rsqrt_().mul_(math.sqrt(2) * abs(self.b))
+        return r, r
+
+    def pair_maps(
+        self, k: Tensor, f1: Tensor, f2: Tensor, need_dot: bool, w2: float = 1.0, b2: float = 0.0
+    ) -> tuple[Tensor, Tensor | None]:
+        """Fused no-grad maps followed by an affine layer: ``b2 + w2 K'`` and ``w2 E[phi' phi']``.
+
+        With ``r = f1 f2 = 2 b^2 / sqrt((1 + 2b^2 q1)(1 + 2b^2 q2))`` and ``z = k r``:
+        ``K' = (2a^2/pi) asin(z) + c^2`` and
+        ``E[phi' phi'] = (4 a^2 b^2 / pi) / sqrt(...) / sqrt(1 - z^2) = (2 a^2 / pi) r / sqrt(1 - z^2)``.
+        """
+        r = torch.mul(f1, f2)
+        z = torch.mul(k, r).clamp_(-1.0, 1.0)
         dot = None
         if need_dot:
-            dot = torch.addcmul(torch.ones_like(z), z, z, value=-1).rsqrt_().mul_(r)
-            dot.mul_(4 * self.a**2 * self.b**2 / math.pi)
-        nngp = z.asin_().mul_(2 * self.a**2 / math.pi).add_(self.c**2)
-        return nngp, dot
+            dot = torch.addcmul(_one(z), z, z, value=-1).rsqrt_().mul_(r)
+            dot.mul_(w2 * 2 * self.a**2 / math.pi)
+        new = z.asin_().mul_(w2 * 2 * self.a**2 / math.pi).add_(w2 * self.c**2 + b2)
+        return new, dot
 
     def nngp_map(self, k: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
         b2 = 2 * self.b**2
