@@ -84,14 +84,20 @@ def data():
     # blockwise, exactly as kernel_fn computes them (arccos near 1 on the diagonal
     # amplifies matmul round-off to ~1e-8 in the NTK, so joint-then-slice would differ)
     (k, t), (kx, tx), (kxx, txx) = (
-        relu_kernels(x_train, x_train), relu_kernels(x_test, x_train), relu_kernels(x_test, x_test)
+        relu_kernels(x_train, x_train),
+        relu_kernels(x_test, x_train),
+        relu_kernels(x_test, x_test),
     )
     d = {
         "x_train": x_train,
         "x_test": x_test,
         "y": y,
-        "K": k, "Kx": kx, "Kxx": kxx,
-        "T": t, "Tx": tx, "Txx": txx,
+        "K": k,
+        "Kx": kx,
+        "Kxx": kxx,
+        "T": t,
+        "Tx": tx,
+        "Txx": txx,
         "f0": torch.randn(N_TRAIN, N_OUT, generator=g, dtype=F64),
         "fx0": torch.randn(N_TEST, N_OUT, generator=g, dtype=F64),
     }
@@ -135,8 +141,9 @@ def test_gp_inference_matches_formulas(data, diag_reg):
     k_r, t_r = ridge(a["K"], diag_reg), ridge(a["T"], diag_reg)
     rec_train = Record(data["K"], data["T"])
     predict_fn = predict.gp_inference(rec_train, data["y"], diag_reg=diag_reg)
-    out = predict_fn(("nngp", "ntk", "ntkgp"), Record(data["Kx"], data["Tx"]),
-                     Record(data["Kxx"], data["Txx"]))
+    out = predict_fn(
+        ("nngp", "ntk", "ntkgp"), Record(data["Kx"], data["Tx"]), Record(data["Kxx"], data["Txx"])
+    )
     assert type(out).__name__ == "Predictions" and out._fields == ("nngp", "ntk", "ntkgp")
     # NNGP posterior
     mean = a["Kx"] @ np.linalg.solve(k_r, a["y"])
@@ -214,7 +221,9 @@ def test_gp_inference_untraced_output_axis(data):
     cov = bxx - bx @ np.linalg.solve(big_r, bx.T)
     np.testing.assert_allclose(out.mean.numpy().reshape(-1), mean, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(
-        out.covariance.numpy().transpose(0, 2, 1, 3).reshape(cov.shape), cov, rtol=1e-8,
+        out.covariance.numpy().transpose(0, 2, 1, 3).reshape(cov.shape),
+        cov,
+        rtol=1e-8,
         atol=1e-10,
     )
     # B = I reproduces the traced prediction
@@ -315,22 +324,31 @@ def test_ensemble_limits_and_caching(data):
 @pytest.mark.skipif(stax is None, reason="infnets.stax not available")
 def test_ensemble_with_stax_kernel_fn(data):
     _, _, kernel_fn = stax.serial(
-        stax.Dense(64, W_std=W_STD, b_std=B_STD), stax.Relu(), stax.Dense(1, W_std=W_STD,
-                                                                          b_std=B_STD)
+        stax.Dense(64, W_std=W_STD, b_std=B_STD),
+        stax.Relu(),
+        stax.Dense(1, W_std=W_STD, b_std=B_STD),
     )
     args = (data["x_train"], data["y"], 0.5, 1e-3)
     ours = predict.gradient_descent_mse_ensemble(kernel_fn, *args)
     stub = predict.gradient_descent_mse_ensemble(StubKernelFn(), *args)
     t = torch.tensor([0.5, 5.0])
-    for a, b in zip(ours(t, data["x_test"], compute_cov=True),
-                    stub(t, data["x_test"], compute_cov=True)):
+    for a, b in zip(
+        ours(t, data["x_test"], compute_cov=True), stub(t, data["x_test"], compute_cov=True)
+    ):
         torch.testing.assert_close(a.mean, b.mean)
         torch.testing.assert_close(a.covariance, b.covariance)
 
 
 # ------------------------------------------------------------------ physics
-def _train_finite(width: int, seeds: list[int], x: torch.Tensor, y: torch.Tensor, n: int,
-                  lr: float, steps: list[int]):
+def _train_finite(
+    width: int,
+    seeds: list[int],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n: int,
+    lr: float,
+    steps: list[int],
+):
     """Train ``len(seeds)`` finite networks (vmapped) by full-batch GD on 1/2 sum (f - y)^2.
 
     Returns outputs on all of ``x`` at ``[0] + steps`` ``(S, T, len(x), 1)`` and each
@@ -338,7 +356,8 @@ def _train_finite(width: int, seeds: list[int], x: torch.Tensor, y: torch.Tensor
     ``J = d f / d params`` from ``torch.func.jacrev``.
     """
     init_fn, apply_fn, _ = stax.serial(
-        stax.Dense(width, W_std=W_STD, b_std=B_STD), stax.Relu(),
+        stax.Dense(width, W_std=W_STD, b_std=B_STD),
+        stax.Relu(),
         stax.Dense(1, W_std=W_STD, b_std=B_STD),
     )
     flat = [tree_flatten(init_fn(s, (-1, x.shape[1]), dtype=F64)[1]) for s in seeds]
@@ -382,7 +401,8 @@ def test_physics_wide_network_follows_ntk_dynamics():
     x = torch.randn(n + m, DIM, generator=g, dtype=F64)
     y = torch.sin(x[:n].sum(1, keepdim=True))
     _, _, kernel_fn = stax.serial(
-        stax.Dense(1, W_std=W_STD, b_std=B_STD), stax.Relu(),
+        stax.Dense(1, W_std=W_STD, b_std=B_STD),
+        stax.Relu(),
         stax.Dense(1, W_std=W_STD, b_std=B_STD),
     )
     ntk_an = kernel_fn(x, None, "ntk")  # the analytic (infinite-width) NTK
@@ -398,9 +418,11 @@ def test_physics_wide_network_follows_ntk_dynamics():
             f0 = traj[s, 0]
             scale = float((f0[:n] - y).norm())
             emp = predict.gradient_descent_mse(ntk[s, :n, :n], y, lr)(
-                times, f0[:n], f0[n:], ntk[s, n:, :n])
+                times, f0[:n], f0[n:], ntk[s, n:, :n]
+            )
             an = predict.gradient_descent_mse(ntk_an[:n, :n], y, lr)(
-                times, f0[:n], f0[n:], ntk_an[n:, :n])
+                times, f0[:n], f0[n:], ntk_an[n:, :n]
+            )
             e_emp.append(float((traj[s] - torch.cat(emp, 1)).norm(dim=(1, 2)).max()) / scale)
             e_an.append(float((traj[s] - torch.cat(an, 1)).norm(dim=(1, 2)).max()) / scale)
             moved = float((traj[s, -1, :n] - f0[:n]).norm()) / scale
@@ -489,9 +511,9 @@ def test_gradient_descent_momentum_matches_expm(data):
     for i, t in enumerate(times):
         big = np.zeros((4 * size, 4 * size))
         big[: 2 * size, : 2 * size] = gen
-        big[: 2 * size, 2 * size:] = np.eye(2 * size)
+        big[: 2 * size, 2 * size :] = np.eye(2 * size)
         e = scipy.linalg.expm(big * t)
-        s_t = e[: 2 * size, : 2 * size] @ s0 + e[: 2 * size, 2 * size:] @ drive
+        s_t = e[: 2 * size, : 2 * size] @ s0 + e[: 2 * size, 2 * size :] @ drive
         np.testing.assert_allclose(out_tr[i].numpy(), s_t[:n], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out_te[i].numpy(), s_t[n:size], rtol=1e-5, atol=1e-6)
 
@@ -501,10 +523,12 @@ def test_max_learning_rate_is_the_stability_edge(data):
     k = data["np"]["T"]
     w_max = np.linalg.eigvalsh(k)[-1]
     assert math.isclose(predict.max_learning_rate(data["T"]), 2 / w_max, rel_tol=1e-10)
-    assert math.isclose(predict.max_learning_rate(Record(None, data["T"]), momentum=0.5),
-                        3 / w_max, rel_tol=1e-10)
-    assert math.isclose(predict.max_learning_rate(data["T"], y_train_size=20), 40 / w_max,
-                        rel_tol=1e-10)
+    assert math.isclose(
+        predict.max_learning_rate(Record(None, data["T"]), momentum=0.5), 3 / w_max, rel_tol=1e-10
+    )
+    assert math.isclose(
+        predict.max_learning_rate(data["T"], y_train_size=20), 40 / w_max, rel_tol=1e-10
+    )
     y = data["np"]["y"]
     for mom in (0.0, 0.7):
         lr_max = predict.max_learning_rate(data["T"], momentum=mom)
@@ -536,7 +560,8 @@ def test_one_dimensional_targets(data):
     assert mean.shape == (N_TEST,)
     torch.testing.assert_close(mean, full[:, 0])
     tr, te = predict.gradient_descent_mse(data["T"], y1)(
-        torch.tensor([1.0, INF], dtype=F64), 0.0, None, data["Tx"])
+        torch.tensor([1.0, INF], dtype=F64), 0.0, None, data["Tx"]
+    )
     assert tr.shape == (2, N_TRAIN) and te.shape == (2, N_TEST)
     ens = predict.gradient_descent_mse_ensemble(StubKernelFn(), data["x_train"], y1)
     assert ens(1.0, data["x_test"], "ntk").shape == (N_TEST,)
@@ -550,13 +575,15 @@ def test_cuda_follows_inputs(data):
     tr, te = p(torch.tensor([1.0, INF]), data["f0"].to(dev), None, data["Tx"].to(dev))
     assert tr.device.type == "cuda" and te.device.type == "cuda"
     ref = predict.gradient_descent_mse(data["T"], data["y"], 0.5)(
-        torch.tensor([1.0, INF]), data["f0"], None, data["Tx"])
+        torch.tensor([1.0, INF]), data["f0"], None, data["Tx"]
+    )
     torch.testing.assert_close(tr.cpu(), ref[0])
     torch.testing.assert_close(te.cpu(), ref[1])
     gp = predict.gp_inference(data["K"].to(dev), data["y"].to(dev), diag_reg=1e-3)
     assert gp("nngp", data["Kx"].to(dev), data["Kxx"].to(dev)).covariance.device.type == "cuda"
-    ens = predict.gradient_descent_mse_ensemble(StubKernelFn(), data["x_train"].to(dev),
-                                                data["y"].to(dev))
+    ens = predict.gradient_descent_mse_ensemble(
+        StubKernelFn(), data["x_train"].to(dev), data["y"].to(dev)
+    )
     out = ens(torch.tensor([1.0, 2.0]), data["x_test"].to(dev), compute_cov=True)
     assert out.ntk.covariance.device.type == "cuda"
     with pytest.raises(ValueError, match="y_train is on cpu"):
@@ -635,8 +662,11 @@ def _bad_cases(d):
         # gradient_descent_mse
         (lambda: predict.gradient_descent_mse(k, y[:4]), ValueError, "y_train has 4"),
         (lambda: predict.gradient_descent_mse(k[:, :3], y), ValueError, "square"),
-        (lambda: predict.gradient_descent_mse(k, y, learning_rate=0.0), ValueError,
-         "learning_rate must be > 0"),
+        (
+            lambda: predict.gradient_descent_mse(k, y, learning_rate=0.0),
+            ValueError,
+            "learning_rate must be > 0",
+        ),
         (lambda: predict.gradient_descent_mse(k, y, diag_reg=-0.1), ValueError, "diag_reg"),
         (lambda: gd(-1.0), ValueError, "t must be >= 0"),
         (lambda: gd(torch.tensor([1.0, math.nan])), ValueError, "t contains NaN"),
@@ -646,22 +676,37 @@ def _bad_cases(d):
         (lambda: gd(1.0, 0.0, torch.zeros(4, 2)), ValueError, "fx_test_0 was given without"),
         (lambda: gd(1.0, 0.0, None, tx[:, :3]), ValueError, "k_test_train has shape"),
         # ensemble
-        (lambda: predict.gradient_descent_mse_ensemble(StubKernelFn(), d["x_train"], y[:3]),
-         ValueError, "y_train has 3 examples"),
-        (lambda: predict.gradient_descent_mse_ensemble("relu", d["x_train"], y), TypeError,
-         "kernel_fn must be callable"),
+        (
+            lambda: predict.gradient_descent_mse_ensemble(StubKernelFn(), d["x_train"], y[:3]),
+            ValueError,
+            "y_train has 3 examples",
+        ),
+        (
+            lambda: predict.gradient_descent_mse_ensemble("relu", d["x_train"], y),
+            TypeError,
+            "kernel_fn must be callable",
+        ),
         (lambda: ens(1.0, d["x_test"], "ntkgp"), ValueError, "unknown name 'ntkgp'"),
         (lambda: ens(1.0, d["x_test"].numpy()), TypeError, "x_test as a torch.Tensor"),
         (lambda: ens(-2.0), ValueError, "t must be >= 0"),
         # gradient_descent
         (lambda: ode(INF), ValueError, "t must be finite"),
         (lambda: ode(None), ValueError, "t is required"),
-        (lambda: predict.gradient_descent(mse_loss, d["T"], y, momentum=1.0), ValueError,
-         "momentum must be in"),
-        (lambda: predict.gradient_descent(lambda f, y: f - y, d["T"], y)(1.0), ValueError,
-         "loss must return a scalar"),
-        (lambda: predict.gradient_descent(mse_loss, d["T"], y, solver="euler"), ValueError,
-         "solver"),
+        (
+            lambda: predict.gradient_descent(mse_loss, d["T"], y, momentum=1.0),
+            ValueError,
+            "momentum must be in",
+        ),
+        (
+            lambda: predict.gradient_descent(lambda f, y: f - y, d["T"], y)(1.0),
+            ValueError,
+            "loss must return a scalar",
+        ),
+        (
+            lambda: predict.gradient_descent(mse_loss, d["T"], y, solver="euler"),
+            ValueError,
+            "solver",
+        ),
         (lambda: predict.gradient_descent("mse", d["T"], y), TypeError, "loss must be"),
         # max_learning_rate
         (lambda: predict.max_learning_rate(d["T"], momentum=-0.1), ValueError, "momentum"),

@@ -372,7 +372,8 @@ class Erf(ElementwiseLayer):
 
         With ``r = f1 f2 = 2 b^2 / sqrt((1 + 2b^2 q1)(1 + 2b^2 q2))`` and ``z = k r``:
         ``K' = (2a^2/pi) asin(z) + c^2`` and
-        ``E[phi' phi'] = (4 a^2 b^2 / pi) / sqrt(...) / sqrt(1 - z^2) = (2 a^2 / pi) r / sqrt(1 - z^2)``.
+        ``E[phi' phi'] = (4 a^2 b^2 / pi) / sqrt((1 + 2b^2 q1)(1 + 2b^2 q2) (1 - z^2))``,
+        which is ``(2 a^2 / pi) r / sqrt(1 - z^2)``.
         """
         r = torch.mul(f1, f2)
         z = torch.mul(k, r).clamp_(-1.0, 1.0)
