@@ -140,7 +140,7 @@ def empirical_ntk_fn(
         ``per_layer='parameter'`` one entry per parameter tensor. The kernel is not
         differentiable w.r.t. the parameters.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from infnets.empirical import empirical_ntk_fn
@@ -180,7 +180,7 @@ def empirical_nngp_fn(
         ``nngp_fn(x1, x2=None, params=None)`` returning a tensor of the same shape as the
         NTK's, ``(N1, N2)`` by default.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from infnets.empirical import empirical_nngp_fn
@@ -219,7 +219,7 @@ def empirical_kernel_fn(
         that tensor; a tuple of names gives a named tuple of those. Only what is asked for
         is computed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from infnets.empirical import empirical_kernel_fn
@@ -271,7 +271,7 @@ def monte_carlo_kernel_fn(
         ``kernel_fn(x1, x2=None, get=None)`` with the ``get`` convention of
         :func:`empirical_kernel_fn`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from infnets.empirical import monte_carlo_kernel_fn
@@ -308,7 +308,7 @@ def linearize(model: ModelLike, params: Any = None) -> TaylorModel:
         ``lin.current_params`` in the original layout); ``theta_0`` and the module's buffers
         are frozen copies.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from infnets.empirical import linearize
@@ -342,7 +342,7 @@ def taylor_expand(
     Returns:
         A :class:`TaylorModel` (trainable parameters start at the expansion point).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from infnets.empirical import taylor_expand

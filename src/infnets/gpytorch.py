@@ -9,7 +9,7 @@ through the kernel maps).
 
 Requires GPyTorch (``pip install "infnets[gpytorch]"``).
 
-Example:
+Examples:
     >>> import torch, gpytorch
     >>> from infnets import stax
     >>> from infnets.gpytorch import InfiniteWidthKernel
@@ -75,7 +75,7 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
         b_var_prior: optional GPyTorch prior on ``b_var``.
         **kwargs: passed to ``gpytorch.kernels.Kernel`` (e.g. ``active_dims``).
 
-    Example:
+    Examples:
         >>> import torch, gpytorch
         >>> from infnets import stax
         >>> from infnets.gpytorch import InfiniteWidthKernel

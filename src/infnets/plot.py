@@ -6,7 +6,7 @@ headless (figures are rendered by the Agg backend when saved) and in notebooks
 (a ``Figure`` displays itself). matplotlib is an optional dependency
 (``pip install "infnets[plot]"``), imported when a helper is first called.
 
-Example:
+Examples:
     >>> import io, torch
     >>> from infnets import plot
     >>> x = torch.linspace(-3, 3, 50)
@@ -66,7 +66,7 @@ def figure(
         ``(figure, axes)`` with ``axes`` a flat list, row by row; pass an axes to the
         helpers' ``ax`` argument to draw several panels in one figure.
 
-    Example:
+    Examples:
         >>> fig, axes = figure(ncols=2)
         >>> len(axes), fig.get_size_inches().tolist()
         (2, [12.0, 4.5])
@@ -112,7 +112,7 @@ def posterior_bands(
     Returns:
         The ``matplotlib.figure.Figure``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.linspace(-1, 1, 20)
         >>> fig = posterior_bands(x[::5], x[::5] ** 2, x, {'GP': (x ** 2, 0.1 + x.abs())})
@@ -176,7 +176,7 @@ def dynamics_curves(
     Returns:
         The ``matplotlib.figure.Figure``.
 
-    Example:
+    Examples:
         >>> fig = dynamics_curves([0, 1, 10, 100], {'width 64': [2.0, 1.0, 0.3, 0.1]},
         ...                       reference=('infinite', [2.0, 0.9, 0.3, 0.1]))
         >>> len(fig.axes[0].get_lines())
@@ -231,7 +231,7 @@ def kernel_heatmap(
     Returns:
         The ``matplotlib.figure.Figure``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> labels = torch.tensor([1, 0, 1, 0])
         >>> k = 1.0 + (labels[:, None] == labels[None, :]).double()
@@ -291,7 +291,7 @@ def save(fig: Figure, path: Any, dpi: int = 120) -> str:
     Returns:
         The path written, as a string.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> fig, _ = figure()
         >>> path = save(fig, os.path.join(tempfile.mkdtemp(), 'empty.png'))

@@ -19,7 +19,7 @@ The estimators follow scikit-learn's conventions (``fit``/``predict``/``score``,
 is ``x . x' / d``, so standardise features first (``make_pipeline(StandardScaler(), ...)``).
 Images for convolutional layers are given as flat rows with ``input_shape=(C, H, W)``.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from infnets.sklearn import NTKRegressor
     >>> rng = np.random.default_rng(0)
@@ -125,7 +125,7 @@ class InfiniteWidthKernel(Kernel):
         input_shape: per-example shape (e.g. ``(1, 8, 8)`` for a convolution) into which
             the ``(n_samples, n_features)`` rows are reshaped; ``None`` keeps them flat.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from sklearn.gaussian_process import GaussianProcessRegressor
         >>> from sklearn.gaussian_process.kernels import WhiteKernel
@@ -262,7 +262,7 @@ class _InfiniteWidthEstimator(BaseEstimator):
 
     _fixed_get: str | None = None
 
-    # subclasses define __init__ with explicit parameters (scikit-learn introspects it)
+    # subclasses define (or inherit) an explicit __init__ (scikit-learn introspects it)
     layer: Layer | None
     diag_reg: float
     diag_reg_absolute_scale: bool
@@ -347,7 +347,25 @@ class _InfiniteWidthEstimator(BaseEstimator):
 
 
 class _Regressor(RegressorMixin, _InfiniteWidthEstimator):
-    normalize_y: bool
+    """The regressors' shared parameters, ``fit`` and ``predict`` (they differ in ``get``)."""
+
+    def __init__(
+        self,
+        layer: Layer | None = None,
+        diag_reg: float = 1e-4,
+        diag_reg_absolute_scale: bool = False,
+        t: float | None = None,
+        learning_rate: float = 1.0,
+        normalize_y: bool = False,
+        input_shape: Sequence[int] | None = None,
+    ) -> None:
+        self.layer = layer
+        self.diag_reg = diag_reg
+        self.diag_reg_absolute_scale = diag_reg_absolute_scale
+        self.t = t
+        self.learning_rate = learning_rate
+        self.normalize_y = normalize_y
+        self.input_shape = input_shape
 
     def fit(self, X: Any, y: Any) -> _Regressor:  # noqa: N803
         """Store the training set and factorize its kernel.
@@ -427,7 +445,7 @@ class NTKRegressor(_Regressor):
         normalize_y: standardise the targets (and undo it on prediction).
         input_shape: per-example shape the flat rows are reshaped into (convolutions).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from infnets.sklearn import NTKRegressor
         >>> X = np.linspace(-1, 1, 30)[:, None]; y = X[:, 0] ** 2
@@ -436,24 +454,6 @@ class NTKRegressor(_Regressor):
     """
 
     _fixed_get = "ntk"
-
-    def __init__(
-        self,
-        layer: Layer | None = None,
-        diag_reg: float = 1e-4,
-        diag_reg_absolute_scale: bool = False,
-        t: float | None = None,
-        learning_rate: float = 1.0,
-        normalize_y: bool = False,
-        input_shape: Sequence[int] | None = None,
-    ) -> None:
-        self.layer = layer
-        self.diag_reg = diag_reg
-        self.diag_reg_absolute_scale = diag_reg_absolute_scale
-        self.t = t
-        self.learning_rate = learning_rate
-        self.normalize_y = normalize_y
-        self.input_shape = input_shape
 
 
 class NNGPRegressor(_Regressor):
@@ -474,7 +474,7 @@ class NNGPRegressor(_Regressor):
         normalize_y: standardise the targets (and undo it on prediction).
         input_shape: per-example shape the flat rows are reshaped into (convolutions).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from infnets.sklearn import NNGPRegressor
         >>> X = np.linspace(-1, 1, 30)[:, None]; y = X[:, 0] ** 2
@@ -484,24 +484,6 @@ class NNGPRegressor(_Regressor):
     """
 
     _fixed_get = "nngp"
-
-    def __init__(
-        self,
-        layer: Layer | None = None,
-        diag_reg: float = 1e-4,
-        diag_reg_absolute_scale: bool = False,
-        t: float | None = None,
-        learning_rate: float = 1.0,
-        normalize_y: bool = False,
-        input_shape: Sequence[int] | None = None,
-    ) -> None:
-        self.layer = layer
-        self.diag_reg = diag_reg
-        self.diag_reg_absolute_scale = diag_reg_absolute_scale
-        self.t = t
-        self.learning_rate = learning_rate
-        self.normalize_y = normalize_y
-        self.input_shape = input_shape
 
 
 def class_probabilities(
@@ -559,7 +541,7 @@ class NTKClassifier(ClassifierMixin, _InfiniteWidthEstimator):
         input_shape: per-example shape the flat rows are reshaped into, e.g.
             ``(1, 8, 8)`` for digit images and a convolutional ``layer``.
 
-    Example:
+    Examples:
         >>> from sklearn.datasets import load_digits
         >>> from infnets.sklearn import NTKClassifier
         >>> X, y = load_digits(return_X_y=True)

@@ -202,7 +202,7 @@ def parse_arch(source: str) -> Any:
     Raises:
         ArchError: (a ``ValueError``) naming the offending construct and its position.
 
-    Example:
+    Examples:
         >>> net = parse_arch("stax.serial(stax.Dense(8, W_std=1.5), stax.Relu(), Dense(1))")
         >>> net.layers[0]
         Dense(out_dim=8, W_std=1.5, b_std=None, parameterization='ntk')
@@ -246,7 +246,7 @@ def read_arch(spec: str) -> Any:
     Returns:
         The layer built by :func:`parse_arch`.
 
-    Example:
+    Examples:
         >>> read_arch("serial(Dense(4), Relu())")
         serial(Dense(out_dim=4, W_std=1.0, b_std=None, parameterization='ntk'), Relu())
     """

@@ -95,7 +95,7 @@ def serial(*layers: Layer) -> Serial:
         A layer unpacking into ``(init_fn, apply_fn, kernel_fn)``; its params are
         a tuple with one entry per layer.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> init_fn, apply_fn, kernel_fn = stax.serial(stax.Dense(8), stax.Relu(), stax.Dense(1))
         >>> kernel_fn(torch.ones(2, 3), None, 'nngp').shape
@@ -167,7 +167,7 @@ def parallel(*layers: Layer) -> Parallel:
     Returns:
         A layer mapping a list of ``len(layers)`` inputs to a list of outputs.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> block = stax.serial(stax.FanOut(2), stax.parallel(stax.Dense(8), stax.Identity()),
         ...                     stax.FanInSum())
@@ -301,6 +301,26 @@ def _check_exact(ks: list[Kernel], layer: Layer, centred: bool) -> None:
                 )
 
 
+def _same_shape_init(in_shape: Any, layer: Layer) -> tuple[tuple[int, ...], tuple[()]]:
+    """``init`` of an elementwise join: the branches' common shape, no parameters."""
+    shapes = _branches(in_shape, layer, "input shape")
+    _same_shapes(shapes, layer)
+    return shapes[0], ()
+
+
+def _exact_branch_kernels(k: Any, layer: Layer, centred: bool) -> list[Kernel]:
+    """The branch kernels of an elementwise join, checked to combine exactly.
+
+    Same shapes, the same inputs and NTK tracking (:func:`_join_meta`), and no
+    cross-branch terms (:func:`_check_exact`).
+    """
+    ks: list[Kernel] = _branches(k, layer, "kernel")
+    _same_shapes([kk.shape1 for kk in ks], layer)
+    ks = _join_meta(ks, layer)
+    _check_exact(ks, layer, centred=centred)
+    return ks
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FanInSum(Layer):
     """Sum of branches: covariances of independent branches add.
@@ -312,19 +332,14 @@ class FanInSum(Layer):
     """
 
     def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
-        shapes = _branches(in_shape, self, "input shape")
-        _same_shapes(shapes, self)
-        return shapes[0], ()
+        return _same_shape_init(in_shape, self)
 
     def apply(self, params: Params, x: Any) -> Any:
         xs = _branches(x, self, "tensor")
         return _sum(xs)
 
     def kernel(self, k: Any) -> Any:
-        ks: list[Kernel] = _branches(k, self, "kernel")
-        _same_shapes([kk.shape1 for kk in ks], self)
-        ks = _join_meta(ks, self)
-        _check_exact(ks, self, centred=True)
+        ks = _exact_branch_kernels(k, self, centred=True)
         return ks[0].replace(
             nngp=_sum([kk.nngp for kk in ks]),
             ntk=_sum([kk.ntk for kk in ks]),
@@ -348,19 +363,14 @@ class FanInProd(Layer):
     """
 
     def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
-        shapes = _branches(in_shape, self, "input shape")
-        _same_shapes(shapes, self)
-        return shapes[0], ()
+        return _same_shape_init(in_shape, self)
 
     def apply(self, params: Params, x: Any) -> Any:
         xs = _branches(x, self, "tensor")
         return math.prod(xs[1:], start=xs[0])
 
     def kernel(self, k: Any) -> Any:
-        ks: list[Kernel] = _branches(k, self, "kernel")
-        _same_shapes([kk.shape1 for kk in ks], self)
-        ks = _join_meta(ks, self)
-        _check_exact(ks, self, centred=False)
+        ks = _exact_branch_kernels(k, self, centred=False)
         nngps = [kk.nngp for kk in ks]
         nngp = math.prod(nngps[1:], start=nngps[0])
         ntk = None

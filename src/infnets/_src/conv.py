@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from infnets._src import compiled
 from infnets._src import inputs as _inputs
 from infnets._src import safe_math as sm
 from infnets._src.dense import check_parameterization
@@ -104,7 +105,7 @@ def axis_geometry(n: int, k: int, s: int, padding: str, who: str, axis: int) -> 
     Raises:
         ValueError: the window does not fit a ``'VALID'`` input (empty output).
 
-    Example:
+    Examples:
         >>> g = axis_geometry(8, 3, 2, 'SAME', 'Conv', 0)
         >>> g.out, g.lo, g.hi
         (4, 0, 1)
@@ -192,7 +193,7 @@ def window_sum(
         A new tensor with ``dims`` of size ``g.out``, stored in ``t``'s memory order
         (``t`` itself for an identity window without scale and shift).
 
-    Example:
+    Examples:
         >>> g = axis_geometry(3, 2, 1, 'VALID', 'Conv', 0)
         >>> window_sum(torch.arange(9.0).reshape(3, 3), (0, 1), g)  # t[o, o'] + t[o+1, o'+1]
         tensor([[ 4.,  6.],
@@ -290,7 +291,7 @@ def conv_covariance(
     Returns:
         The convolved covariance in the same layout and memory order.
 
-    Example:
+    Examples:
         >>> g = axis_geometry(4, 3, 1, 'SAME', 'Conv', 0)
         >>> conv_covariance(torch.ones(1, 4, 4), 1, True, [g], scale=1 / 3)[0, 0]
         tensor([0.6667, 0.6667, 0.6667, 0.3333])
@@ -318,7 +319,7 @@ def pad_input(x: Tensor, geoms: Sequence[AxisGeometry]) -> Tensor:
     Returns:
         ``(N, C, *padded)``: zeros, or wrapped values for ``'CIRCULAR'``.
 
-    Example:
+    Examples:
         >>> g = axis_geometry(3, 3, 1, 'CIRCULAR', 'Conv', 0)
         >>> pad_input(torch.tensor([[[1.0, 2.0, 3.0]]]), [g])
         tensor([[[3., 1., 2., 3., 1.]]])
@@ -391,7 +392,7 @@ class Conv(Layer):
         b_std: bias standard deviation, >= 0; ``None`` for no bias.
         parameterization: ``'ntk'`` or ``'standard'``.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Conv(8, (3, 3), padding='SAME'), stax.Relu(),
         ...                   stax.GlobalAvgPool(), stax.Dense(1))
@@ -503,9 +504,15 @@ class Conv(Layer):
             t = t if scale is None else t * scale
             return t if shift is None else t + shift
 
-        nngp = a(k.nngp, scale=w2f, shift=b2)
-        ntk = k.ntk
-        if ntk is not None:
+        done = None
+        if fused and not standard and compiled.supports(geoms) and compiled.enabled(k.nngp):
+            done = compiled.conv_pair(k.nngp, k.ntk, lead, full, geoms, w2f, b2)
+        if done is not None:
+            nngp, ntk = done
+        else:
+            nngp = a(k.nngp, scale=w2f, shift=b2)
+            ntk = k.ntk
+        if ntk is not None and done is None:
             if standard:  # A(C K + W^2/|F| Theta) + [bias]
                 ntk = a(ntk, scale=w2f, shift=a(k.nngp, scale=float(c_in), shift=one))
             else:  # K' + W^2/|F| A(Theta)

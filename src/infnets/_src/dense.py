@@ -53,7 +53,7 @@ class Dense(Layer):
         b_std: bias standard deviation, >= 0; ``None`` for no bias parameter.
         parameterization: ``'ntk'`` or ``'standard'``.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> k = stax.Dense(1, W_std=2.0, b_std=0.5).kernel_fn(torch.eye(3), None, 'nngp')
         >>> torch.allclose(k, 4.0 * torch.eye(3) / 3 + 0.25)

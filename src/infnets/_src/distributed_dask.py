@@ -264,7 +264,43 @@ def kernel_matrix(
     device: str = "auto",
     torch_threads: int | None = 1,
 ) -> Any:
-    """Lazy Dask arrays of kernel matrices, one task per tile (see the module docstring)."""
+    """Kernel matrices as lazy Dask arrays whose blocks are tiles.
+
+    Tile ``(i, j)`` is ``kernel_fn(x1[rows_i], x2[cols_j], get)``; with ``x2=None``
+    only tiles ``i <= j`` are tasks (diagonal tiles computed with ``x2=None``), and
+    block ``(j, i)`` is the transpose of tile ``(i, j)``. Several kernels of a tuple
+    ``get`` share the tile tasks: compute them together
+    (``dask.compute(k.nngp, k.ntk)``) to run every tile once.
+
+    Args:
+        kernel_fn: an infnets layer or its ``kernel_fn`` (any ``f(x1, x2, get)``
+            returning a named tuple with ``.nngp``/``.ntk`` also works).
+        x1: ``(N1, ...)`` inputs: tensor, numpy or Dask array.
+        x2: ``(N2, ...)`` inputs, or ``None`` for ``x2 = x1``.
+        get: ``'nngp'``, ``'ntk'`` or a tuple of them.
+        tile: tile edge in examples (the block size; last blocks may be smaller).
+        client: a ``distributed.Client`` or scheduler address; ``None`` (default):
+            the active client, else the embedded local cluster (started once, made
+            the default); ``'threads'``: no cluster, Dask's default scheduler. The
+            arrays are computed by whatever computes them (``.compute()`` uses the
+            default client, ``client.compute(...)`` a given one).
+        device: ``'auto'`` (a GPU of the worker if any, else CPU), ``'cpu'``, ``'cuda:0'``.
+        torch_threads: torch intra-op threads per tile (1: Dask parallelizes over tiles).
+
+    Returns:
+        An ``(N1, N2)`` ``dask.array.Array`` in the inputs' dtype, chunks ``(tile, tile)``;
+        for a tuple ``get``, a named tuple of them (like ``kernel_fn``).
+
+    Examples:
+        >>> import dask, torch
+        >>> from infnets import stax
+        >>> net = stax.serial(stax.Dense(64), stax.Relu(), stax.Dense(1))
+        >>> x = torch.randn(10, 3, dtype=torch.float64)
+        >>> k = kernel_matrix(net, x, None, ('nngp', 'ntk'), tile=4, client='threads')
+        >>> nngp, ntk = dask.compute(k.nngp, k.ntk)
+        >>> bool(abs(nngp - net.kernel_fn(x, None, 'nngp').numpy()).max() < 1e-12)
+        True
+    """
     who = "kernel_matrix"
     da = require_dask(who)
     from dask.base import tokenize

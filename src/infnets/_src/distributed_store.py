@@ -321,7 +321,7 @@ class KernelStore:
         symmetric: whether it was computed with ``x2 = None``.
         last_run: the :class:`RunReport` of the call that returned this object, if any.
 
-    Example:
+    Examples:
         >>> store = open_kernel_store('K.zarr')           # doctest: +SKIP
         >>> store.is_complete(), store['ntk'].shape        # doctest: +SKIP
         (True, (50000, 50000))

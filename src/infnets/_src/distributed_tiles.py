@@ -62,7 +62,7 @@ class TileGrid:
         tile: edge of a tile in examples (the last tiles may be smaller).
         symmetric: ``x2 is None``; only tiles ``i <= j`` are computed.
 
-    Example:
+    Examples:
         >>> g = TileGrid(5, 5, 2, symmetric=True)
         >>> g.shape, g.chunks[0], g.tiles()
         ((3, 3), (2, 2, 1), [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)])
@@ -221,7 +221,7 @@ def compute_tile(
         ``{name: (t1, t2) numpy array}`` in the inputs' dtype, on the CPU; exactly
         symmetric (upper triangle mirrored) when ``x2`` is ``None``.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Dense(4), stax.Relu())
         >>> t = compute_tile(net.kernel_fn, np.ones((2, 3)), np.ones((5, 3)), ('nngp',))
@@ -269,7 +269,7 @@ def _as_torch(x: np.ndarray | Tensor) -> Tensor:
 def array_sha256(a: np.ndarray, h: Any = None) -> str:
     """sha256 of an array's dtype, shape and C-order bytes (streamed, no full copy).
 
-    Example:
+    Examples:
         >>> array_sha256(np.zeros(3)) == array_sha256(np.zeros(3))
         True
     """
@@ -325,7 +325,7 @@ def multi_device_kernel(
         An ``(N1, N2)`` CPU tensor in the inputs' dtype for a str ``get``; a named
         tuple of them for a tuple ``get`` (as ``kernel_fn`` returns).
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Dense(8), stax.Relu(), stax.Dense(1))
         >>> x = torch.randn(7, 3, dtype=torch.float64)

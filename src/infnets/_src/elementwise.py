@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from infnets._src import compiled
 from infnets._src import inputs as _inputs
 from infnets._src import safe_math as sm
 from infnets._src.kernel import Kernel
@@ -118,8 +119,11 @@ class ElementwiseLayer(Layer):
             )
         self.check_variances(k)
         dots: list[Tensor] = []
+        pre = self._compiled_pairs(k)
 
         def nngp_map(c: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
+            if pre is not None and c is k.nngp:
+                return pre[0]
             # the pair covariance comes first (Kernel.map_covariances); only it needs the
             # derivative kernel, computed together with the NNGP map
             need_dot = k.ntk is not None and c is k.nngp
@@ -129,6 +133,8 @@ class ElementwiseLayer(Layer):
             return new
 
         def ntk_map(ntk: Tensor, c: Tensor, q1: Tensor, q2: Tensor, new: Tensor) -> Tensor:
+            if pre is not None and pre[1] is not None:
+                return pre[1]
             dot = dots.pop() if dots else self.dot_map(c, q1, q2)
             if sm.needs_grad(dot, ntk):
                 return ntk * dot
@@ -142,6 +148,17 @@ class ElementwiseLayer(Layer):
     def is_odd(self) -> bool:
         """Whether ``fn`` is odd (then centred inputs give centred outputs)."""
         return False
+
+    def _compiled_pairs(self, k: Kernel) -> tuple[Tensor, Tensor | None] | None:
+        """The pair maps of large spatial covariances by a compiled kernel, if it applies."""
+        if not (hasattr(self, "pair_maps") and k.is_spatial and compiled.enabled(k.nngp)):
+            return None
+        if sm.needs_grad(k.nngp, k.ntk, k.cov1, k.cov2):
+            return None
+        var1, var2 = k.pair_variances()
+        f1 = self.pair_factors(var1)[0]  # type: ignore[attr-defined]
+        f2 = self.pair_factors(var2)[1]  # type: ignore[attr-defined]
+        return compiled.pair_map(self, k.nngp, f1, f2, k.ntk)
 
 
 def _one(like: Tensor) -> Tensor:
@@ -251,7 +268,7 @@ class Relu(ABRelu):
     ``K' = sqrt(q1 q2) / (2 pi) (sin t + (pi - t) cos t)`` and
     ``E[phi' phi'] = (pi - t) / (2 pi)`` with ``t = arccos(rho)``.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> _, _, kernel_fn = stax.serial(stax.Dense(1), stax.Relu())
         >>> float(kernel_fn(torch.ones(1, 4), None, 'nngp'))  # E[relu(u)^2] = q / 2

@@ -110,7 +110,7 @@ class ElementwiseNumerical(ElementwiseLayer):
             of ``fn`` per pair of inputs), in ``[1, 200]``. The default, 24, is even so
             that no node sits at 0, where the kinks of ReLU-like functions are.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Dense(1), stax.ElementwiseNumerical(torch.tanh, deg=24))
         >>> k = net.kernel_fn(torch.eye(2, dtype=torch.float64), None, 'nngp')
@@ -149,7 +149,7 @@ class Elementwise(ElementwiseLayer):
             is ``d nngp_fn / d cov12`` by autograd (Price's theorem, valid for
             ``fn`` with a weak derivative).
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> square = stax.Elementwise(lambda x: x**2, lambda c, a, b: a * b + 2 * c**2)
         >>> net = stax.serial(stax.Dense(1), square)

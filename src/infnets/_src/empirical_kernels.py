@@ -11,12 +11,12 @@ import torch
 from torch import Tensor
 
 from infnets._src import inputs as _inputs
-from infnets._src.empirical_axes import check_axes_arg, make_axes
+from infnets._src.empirical_axes import make_axes
 from infnets._src.empirical_model import Model, wrap_model_error
-from infnets._src.empirical_ntk import EmpiricalNTK, check_inputs
+from infnets._src.empirical_ntk import EmpiricalKernelFn, EmpiricalNTK, check_inputs
 
 
-class EmpiricalNNGP:
+class EmpiricalNNGP(EmpiricalKernelFn):
     """The callable returned by ``empirical_nngp_fn``: ``mean over traced axes of f1 f2^T``."""
 
     def __init__(
@@ -27,13 +27,7 @@ class EmpiricalNNGP:
         chunk_size: int | None,
         who: str = "empirical_nngp_fn",
     ) -> None:
-        self.who = who
-        self.model = model if isinstance(model, Model) else Model(model, who)
-        self.trace_axes = check_axes_arg(trace_axes, "trace_axes", who)
-        self.diagonal_axes = check_axes_arg(diagonal_axes, "diagonal_axes", who)
-        if chunk_size is not None:
-            _inputs.check_int(chunk_size, "chunk_size", 1)
-        self.chunk_size = chunk_size
+        super().__init__(model, trace_axes, diagonal_axes, chunk_size, who)
 
     def outputs(self, bound: Any, x: Tensor) -> Tensor:
         """``f(x)``, evaluated in chunks of ``chunk_size`` examples."""
@@ -52,6 +46,13 @@ class EmpiricalNNGP:
                 )
         return torch.cat(outs)
 
+    def output_pair(self, x1: Tensor, x2: Tensor | None, params: Any) -> tuple[Tensor, Tensor]:
+        """``f(x1)`` and ``f(x2)`` (``f(x1)`` again for ``x2=None``) under ``params``."""
+        self.model.check_mode()
+        bound = self.model.bind(params)
+        f1 = self.outputs(bound, x1)
+        return f1, (f1 if x2 is None else self.outputs(bound, x2))
+
     def from_outputs(self, f1: Tensor, f2: Tensor, diagonal_axes: tuple[int, ...]) -> Tensor:
         ax = make_axes(tuple(f1.shape), tuple(f2.shape), self.trace_axes, diagonal_axes, self.who)
         k = torch.einsum(f"{ax.a1},{ax.a2}->{ax.out}", f1, f2)
@@ -59,10 +60,7 @@ class EmpiricalNNGP:
 
     def __call__(self, x1: Any, x2: Any = None, params: Any = None) -> Tensor:
         x1, x2 = check_inputs(x1, x2, self.who)
-        self.model.check_mode()
-        bound = self.model.bind(params)
-        f1 = self.outputs(bound, x1)
-        f2 = f1 if x2 is None else self.outputs(bound, x2)
+        f1, f2 = self.output_pair(x1, x2, params)
         return self.from_outputs(f1, f2, self.diagonal_axes)
 
 
@@ -90,11 +88,8 @@ class EmpiricalKernel:
         x1, x2 = check_inputs(x1, x2, self.who)
         out: dict[str, Any] = {}
         if set(names) & {"nngp", "cov1", "cov2"}:
-            self.model.check_mode()
-            bound = self.model.bind(params)
             nn = self.nngp
-            f1 = nn.outputs(bound, x1)
-            f2 = f1 if x2 is None else nn.outputs(bound, x2)
+            f1, f2 = nn.output_pair(x1, x2, params)
             diag = tuple(sorted(set(nn.diagonal_axes) | {0}))
             if "nngp" in names:
                 out["nngp"] = nn.from_outputs(f1, f2, nn.diagonal_axes)

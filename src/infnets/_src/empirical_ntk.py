@@ -477,7 +477,23 @@ def group_names(names: list[str], per_layer: bool | str, who: str) -> dict[str, 
     )
 
 
-class EmpiricalNTK:
+class EmpiricalKernelFn:
+    """What every empirical kernel callable holds: the wrapped model, the checked
+    ``trace_axes``/``diagonal_axes`` and ``chunk_size``, and the caller's name ``who``."""
+
+    def __init__(
+        self, model: Any, trace_axes: Any, diagonal_axes: Any, chunk_size: int | None, who: str
+    ) -> None:
+        self.who = who
+        self.model = model if isinstance(model, Model) else Model(model, who)
+        self.trace_axes = check_axes_arg(trace_axes, "trace_axes", who)
+        self.diagonal_axes = check_axes_arg(diagonal_axes, "diagonal_axes", who)
+        if chunk_size is not None:
+            _inputs.check_int(chunk_size, "chunk_size", 1)
+        self.chunk_size = chunk_size
+
+
+class EmpiricalNTK(EmpiricalKernelFn):
     """The callable returned by ``empirical_ntk_fn`` (see its docstring)."""
 
     def __init__(
@@ -489,10 +505,7 @@ class EmpiricalNTK:
         chunk_size: int | None,
         who: str = "empirical_ntk_fn",
     ) -> None:
-        self.who = who
-        self.model = model if isinstance(model, Model) else Model(model, who)
-        self.trace_axes = check_axes_arg(trace_axes, "trace_axes", who)
-        self.diagonal_axes = check_axes_arg(diagonal_axes, "diagonal_axes", who)
+        super().__init__(model, trace_axes, diagonal_axes, chunk_size, who)
         if set(self.trace_axes) & set(self.diagonal_axes):
             raise ValueError(
                 f"{who}: trace_axes={self.trace_axes} and diagonal_axes="
@@ -503,9 +516,6 @@ class EmpiricalNTK:
                 f"{who}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}."
             )
         self.implementation = implementation
-        if chunk_size is not None:
-            _inputs.check_int(chunk_size, "chunk_size", 1)
-        self.chunk_size = chunk_size
         self._probes: dict[Any, Probe] = {}
 
     # ------------------------------------------------------------------ helpers

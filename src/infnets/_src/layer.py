@@ -260,7 +260,7 @@ class StaxModule(nn.Module):
     tree of submodules mirroring their nesting, so ``torch.optim`` trains them
     and ``torch.func.functional_call`` works on ``named_parameters()``.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Dense(32), stax.Relu(), stax.Dense(1))
         >>> m = net.to_module((-1, 3), key=0)

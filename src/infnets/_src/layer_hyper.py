@@ -215,7 +215,7 @@ def kernel_jacobian(fn: Callable[[Tensor], Tensor], params: Tensor) -> tuple[Ten
         ``(K, J)``: ``K`` detached, of shape ``S``; ``J`` of shape ``(*S, P)`` with
         ``J[..., j] = dK / dp_j`` (zeros where ``K`` does not depend on ``p_j``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> k, j = kernel_jacobian(lambda p: p[0] ** 2 * torch.ones(2, 2), torch.tensor([3.0]))
         >>> j[..., 0]

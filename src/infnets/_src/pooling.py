@@ -191,7 +191,7 @@ class AvgPool(_Pool):
         count_include_pad: divide by the full window size (``True``) or by the number
             of real positions in it (``False``).
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Conv(4, (3,), padding='SAME'), stax.AvgPool((2,)),
         ...                   stax.Flatten(), stax.Dense(1))
@@ -230,7 +230,7 @@ class SumPool(_Pool):
         strides: step per spatial axis; default the window.
         padding: ``'VALID'`` or ``'SAME'``.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Conv(4, (2, 2)), stax.SumPool((2, 2)), stax.Flatten())
         >>> net.kernel_fn(torch.ones(2, 1, 3, 3), None, 'nngp').shape
@@ -292,7 +292,7 @@ class GlobalAvgPool(_GlobalPool):
     NTK): the mean of the full pixel-pair covariance (Novak et al. 2019, eq. 15;
     Arora et al. 2019, CNTK with global average pooling).
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Conv(4, (2, 2)), stax.Relu(), stax.GlobalAvgPool(),
         ...                   stax.Dense(1))
@@ -305,7 +305,7 @@ class GlobalAvgPool(_GlobalPool):
 class GlobalSumPool(_GlobalPool):
     r"""Sum over every position: ``(N, C, *spatial) -> (N, C)``; ``K' = sum_{p, p'} K(p, p')``.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Conv(4, (2,)), stax.GlobalSumPool())
         >>> net.kernel_fn(torch.ones(2, 1, 5), None, 'nngp').shape
@@ -327,7 +327,7 @@ class Flatten(Layer):
     ``Flatten`` directly (apply it before, or put a ``Dense`` in between).
     Fully-connected ``(N, features)`` inputs pass unchanged.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Conv(4, (3, 3), padding='SAME'), stax.Relu(),
         ...                   stax.Flatten(), stax.Dense(1))

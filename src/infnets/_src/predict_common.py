@@ -226,6 +226,17 @@ def maybe_pick(
     return value
 
 
+def pick_test_train_ntk(k_test_train: Any, n: int, fn: str, device: torch.device) -> Tensor:
+    """The ``(M, N)`` test-train NTK of a tensor or a record (its ``.ntk``), on ``device``."""
+    kx = pick(k_test_train, "ntk", "k_test_train", fn, device)
+    if kx.ndim != 2 or kx.shape[1] != n:
+        raise ValueError(
+            f"{fn}: k_test_train has shape {tuple(kx.shape)}; expected (M, {n}) "
+            "(test points by training points)."
+        )
+    return kx
+
+
 def field_key(kernel: Any, name: str) -> str:
     """Cache key of a kernel field: plain tensors serve every name with one matrix."""
     return "tensor" if isinstance(kernel, (Tensor, np.ndarray)) else name

@@ -158,7 +158,7 @@ def gp_inference(
         ``(M, M)`` covariance (symmetric; ``(M, M, u1, u1, ...)`` with untraced
         axes); for a tuple ``get``, a named tuple of these, one field per name.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from infnets import predict
         >>> x = torch.linspace(-2, 2, 7, dtype=torch.float64)[:, None]

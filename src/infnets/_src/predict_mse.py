@@ -82,7 +82,7 @@ def gradient_descent_mse(
         ``(fx_train_t, fx_test_t)`` with ``fx_test_t`` of shape ``([T,] M, *O)``
         when ``k_test_train`` is given.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from infnets import predict
         >>> x = torch.randn(6, 2, dtype=torch.float64)
@@ -142,12 +142,7 @@ def gradient_descent_mse(
         fx_train = pc.add_time_axis(fx_train.reshape((-1, n) + out_shape).to(out_dtype), has_axis)
         if k_test_train is None:
             return fx_train
-        kx = pc.pick(k_test_train, "ntk", "k_test_train", fn, device)
-        if kx.ndim != 2 or kx.shape[1] != n:
-            raise ValueError(
-                f"{fn}: k_test_train has shape {tuple(kx.shape)}; expected (M, {n}) "
-                "(test points by training points)."
-            )
+        kx = pc.pick_test_train_ntk(k_test_train, n, fn, device)
         m = kx.shape[0]
         cache = test_cache.lookup(kx)
         if "kxv" not in cache:
@@ -224,7 +219,7 @@ def gradient_descent_mse_ensemble(
         :class:`Gaussian` whose covariance ``([T,] M, M)`` is shared by the outputs;
         a named tuple of these for a tuple ``get``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from infnets import predict, stax
         >>> _, _, kernel_fn = stax.serial(stax.Dense(512), stax.Relu(), stax.Dense(1))
@@ -428,7 +423,7 @@ def max_learning_rate(
     Returns:
         ``2 (1 + momentum) / w_max`` (times ``y_train_size`` when given), a float.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from infnets import predict
         >>> predict.max_learning_rate(torch.diag(torch.tensor([1.0, 4.0])))

@@ -81,7 +81,7 @@ def gradient_descent(
         ``([T,] N, *O)``, or ``(fx_train_t, fx_test_t)`` when ``k_test_train`` is given,
         in the kernel's dtype.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from infnets import predict
         >>> x = torch.randn(6, 2, dtype=torch.float64)
@@ -161,12 +161,7 @@ def gradient_descent(
         kstack, m = k64, 0
         parts = [f0.reshape(n, -1)]
         if k_test_train is not None:
-            kx = pc.pick(k_test_train, "ntk", "k_test_train", fn, device)
-            if kx.ndim != 2 or kx.shape[1] != n:
-                raise ValueError(
-                    f"{fn}: k_test_train has shape {tuple(kx.shape)}; expected (M, {n}) "
-                    "(test points by training points)."
-                )
+            kx = pc.pick_test_train_ntk(k_test_train, n, fn, device)
             m = kx.shape[0]
             kstack = torch.cat([k64, kx.to(pc.SOLVE_DTYPE)])  # (N + M, N)
             fx0 = pc.as_initial_outputs(fx_test_0, "fx_test_0", fn, (m,) + out_shape, device)

@@ -273,7 +273,7 @@ def cg_solve(
     Returns:
         A :class:`CGResult` with ``x`` in float64.
 
-    Example:
+    Examples:
         >>> import torch
         >>> g = torch.randn(50, 50, dtype=torch.float64)
         >>> a = g @ g.T / 50 + torch.eye(50, dtype=torch.float64)
@@ -422,7 +422,7 @@ def solve_posterior_mean(
         ``(M, *O)`` tensor of posterior means in the train kernel's dtype (float32 or
         float64), and the info dict when ``return_info``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from infnets import stax
         >>> net = stax.serial(stax.Dense(64), stax.Relu(), stax.Dense(1))
@@ -437,39 +437,35 @@ def solve_posterior_mean(
     op = as_operator(k_train_train, get, "k_train_train")
     y, out_shape = _targets(y_train, op.shape[0])
     test_op = _test_operator(k_test_train, get, op.shape[0])
-    solver = _Solver(
-        op,
-        diag_reg,
-        diag_reg_absolute_scale,
-        method,
-        tol,
-        maxiter,
-        preconditioner,
-        rank,
-        memory_limit,
-        "k_train_train" if get is None else f"k_train_train ({get})",
+    opts = _SolveOptions(
+        diag_reg, diag_reg_absolute_scale, method, tol, maxiter, preconditioner, rank, memory_limit
     )
+    solver = _Solver(op, opts, "k_train_train" if get is None else f"k_train_train ({get})")
     alpha = solver.solve(y)
     mean = _finish((test_op or op).matmat(alpha), out_shape, op.dtype)
     return (mean, dict(solver.info)) if return_info else mean
 
 
+@dataclasses.dataclass(frozen=True)
+class _SolveOptions:
+    """The solver arguments of :func:`solve_posterior_mean` and :func:`gp_inference`
+    (``absolute`` is ``diag_reg_absolute_scale``); checked when a :class:`_Solver` uses them."""
+
+    diag_reg: float
+    absolute: bool
+    method: str
+    tol: float
+    maxiter: int | None
+    preconditioner: str | None
+    rank: int
+    memory_limit: int | None
+
+
 class _Solver:
     """``(K + lambda I)^{-1} B`` for one train-train kernel: Cholesky (cached) or PCG."""
 
-    def __init__(
-        self,
-        op: _Operator,
-        diag_reg: float,
-        absolute: bool,
-        method: str,
-        tol: float,
-        maxiter: int | None,
-        preconditioner: str | None,
-        rank: int,
-        memory_limit: int | None,
-        what: str,
-    ) -> None:
+    def __init__(self, op: _Operator, opts: _SolveOptions, what: str) -> None:
+        diag_reg, method, preconditioner = opts.diag_reg, opts.method, opts.preconditioner
         if op.shape[0] != op.shape[1]:
             raise ValueError(f"{_FN}: {what} must be square, got shape {op.shape}.")
         if (
@@ -483,12 +479,12 @@ class _Solver:
         n = op.shape[0]
         self.op, self.what, self.n = op, what, n
         self.scale = float(op.diagonal().mean())
-        self.ridge = float(diag_reg) if absolute else float(diag_reg) * self.scale
+        self.ridge = float(diag_reg) if opts.absolute else float(diag_reg) * self.scale
         if method == "auto":
-            budget = _memory_budget() if memory_limit is None else int(memory_limit)
+            budget = _memory_budget() if opts.memory_limit is None else int(opts.memory_limit)
             method = "cholesky" if 8 * n * n <= budget else "cg"
         self.method = method
-        self.tol, self.maxiter = tol, maxiter
+        self.tol, self.maxiter = opts.tol, opts.maxiter
         self.info: dict[str, Any] = {"method": method, "ridge": self.ridge, "iterations": 0}
         self._factor: Any = None
         self._minv: Any = None
@@ -505,7 +501,7 @@ class _Solver:
                     f"diagonal {self.scale:.3g}); pass a larger diag_reg (e.g. 1e-6 relative)."
                 ) from None
         elif preconditioner == "nystrom":
-            self._minv = _nystrom(op, self.ridge, rank, 0)
+            self._minv = _nystrom(op, self.ridge, opts.rank, 0)
         elif preconditioner == "jacobi":
             self._minv = _jacobi(op, self.ridge)
         elif preconditioner is not None:
@@ -570,7 +566,7 @@ def is_stored_kernel(k: Any) -> bool:
     Also true for a record (``Kernel``, named tuple) whose ``.nngp`` or ``.ntk`` is one.
     Never imports Dask or zarr (``infnets.predict`` can call it on every input).
 
-    Example:
+    Examples:
         >>> is_stored_kernel('K.zarr'), is_stored_kernel(torch.eye(2))
         (True, False)
     """
@@ -639,7 +635,7 @@ def gp_inference(
         mean, or ``Gaussian(mean, covariance)`` with ``k_test_test``; a named tuple for a
         tuple ``get``. Test kernels may be given in any of the forms above.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from infnets import stax
         >>> net = stax.serial(stax.Dense(64), stax.Relu(), stax.Dense(1))
@@ -656,6 +652,9 @@ def gp_inference(
     shared = not (
         isinstance(k_train_train, (str, os.PathLike, KernelStore))
         or (hasattr(k_train_train, "nngp") or hasattr(k_train_train, "ntk"))
+    )
+    opts = _SolveOptions(
+        diag_reg, diag_reg_absolute_scale, method, tol, maxiter, preconditioner, rank, memory_limit
     )
     ops: dict[str, _Operator] = {}
     solvers: dict[str, _Solver] = {}
@@ -684,18 +683,7 @@ def gp_inference(
         key = "shared" if shared else name
         if key not in solvers:
             what = "k_train_train" if shared else f"k_train_train.{name}"
-            solvers[key] = _Solver(
-                train_op(name),
-                diag_reg,
-                diag_reg_absolute_scale,
-                method,
-                tol,
-                maxiter,
-                preconditioner,
-                rank,
-                memory_limit,
-                what,
-            )
+            solvers[key] = _Solver(train_op(name), opts, what)
         return solvers[key]
 
     alphas: dict[str, np.ndarray] = {}

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infnets._src import compiled
 from infnets._src import inputs as _inputs
 from infnets._src.chunks import evaluate_fc
 from infnets._src.kernel import Kernel, pack_index, select, swap_spatial_pairs
@@ -92,7 +93,7 @@ def spatial_input_kernel(
         The input :class:`Kernel`; symmetric problems of at least
         ``PACK_MIN_EXAMPLES`` examples use the packed pair layout.
 
-    Example:
+    Examples:
         >>> k = spatial_input_kernel(torch.ones(2, 3, 4, 4), None, False, full=False)
         >>> k.nngp.shape, k.cov1.shape
         (torch.Size([2, 2, 4, 4]), torch.Size([2, 4, 4]))
@@ -416,7 +417,7 @@ def kernel_fn(
         MemoryError: before any work, when one pair of examples (or the result
             itself) cannot fit the budget.
 
-    Example:
+    Examples:
         >>> from infnets import stax
         >>> net = stax.serial(stax.Conv(8, (3, 3), padding='SAME'), stax.Relu(),
         ...                   stax.Flatten(), stax.Dense(1))
@@ -583,8 +584,15 @@ def _tiled(
         delay=0.0 if progress else PROGRESS_DELAY_S,
         leave=False,
     )
+    workers = _tile_workers(x1, len(tiles) - 1)
+    entries = math.prod(x1.shape[2:]) ** (2 if full_in else 1) * n1 * n2
+    stack = contextlib.ExitStack()
+    stack.enter_context(compiled.large_problem(entries // (2 if symmetric else 1)))
     try:
-        first = compute(tiles[0])
+        # with tile threads, every tile (the first too) runs single-threaded torch ops,
+        # so compiled kernels (infnets._src.compiled) see one setting and compile once
+        with _single_threaded_ops() if workers > 1 else contextlib.nullcontext():
+            first = compute(tiles[0])
         rest = tuple(first.nngp.shape[2:])
         out["nngp"] = first.nngp.new_empty((n1, n2) + rest)
         out["ntk"] = None if first.ntk is None else first.ntk.new_empty((n1, n2) + rest)
@@ -593,7 +601,6 @@ def _tiled(
         out["cov2"] = None if symmetric else first.cov1.new_empty((n2,) + per_example)
         store(tiles[0], first)
         bar.update(1)
-        workers = _tile_workers(x1, len(tiles) - 1)
         if workers > 1 and not first.nngp.requires_grad:  # no autograd graph to share
             # Tiles whose multi-megabyte temporaries interleave on several threads
             # fragment glibc's heap: freed memory is kept and the resident size grows
@@ -612,6 +619,7 @@ def _tiled(
                 bar.update(1)
     finally:
         bar.close()
+        stack.close()
     return first.replace(
         nngp=out["nngp"],
         ntk=out["ntk"],

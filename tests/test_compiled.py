@@ -1,0 +1,101 @@
+"""The compiled (TorchInductor) kernels for large convolutional covariances.
+
+Oracle: the eager layer-by-layer evaluation of the same architecture (an
+independent code path: separate window-sum and activation implementations), on
+problems forced onto the compiled path (``INFNETS_COMPILE=1``, compiling every
+shape on first sight). Tiles of one shape keep the number of compilations small.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from infnets import stax
+from infnets._src import compiled
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile needs a C++ compiler on CPU",
+)
+
+
+@pytest.fixture
+def force_compiled(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(compiled, "COMPILE_AFTER", 0)
+
+    def run(net, x1, x2, get, on):  # type: ignore[no-untyped-def]
+        monkeypatch.setenv("INFNETS_COMPILE", "1" if on else "0")
+        return net.kernel_fn(x1, x2, get, batch_size=4, progress=False)
+
+    return run
+
+
+NETS = {
+    # pooling: full pixel-pair covariances, SAME padding, both activations with fused maps
+    "gap": lambda: stax.serial(
+        stax.Conv(8, (3, 3), padding="SAME", W_std=1.4, b_std=0.1),
+        stax.Relu(),
+        stax.Conv(8, (3, 3), padding="SAME", W_std=1.4, b_std=0.1),
+        stax.Erf(a=1.2, b=0.8),
+        stax.GlobalAvgPool(),
+        stax.Dense(1, W_std=1.4, b_std=0.1),
+    ),
+    # strides and VALID padding, no bias, a leaky ReLU, average pooling; then a
+    # Flatten readout, so the last layers keep per-position covariances only
+    "strided-flatten": lambda: stax.serial(
+        stax.Conv(8, (3, 2), strides=(2, 1), padding="VALID", W_std=1.2),
+        stax.LeakyRelu(0.1),
+        stax.AvgPool((2, 2)),
+        stax.Conv(8, (2, 2), padding="SAME", W_std=1.1, b_std=0.3),
+        stax.Relu(),
+        stax.Flatten(),
+        stax.Dense(1),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_compiled_kernels_equal_eager(name: str, force_compiled) -> None:  # type: ignore[no-untyped-def]
+    net = NETS[name]()
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(12, 2, 7, 6, dtype=torch.float64, generator=gen)
+    x1[5] = x1[2]  # duplicated image: correlation exactly 1 off the diagonal
+    x2 = torch.randn(8, 2, 7, 6, dtype=torch.float64, generator=gen)
+    for a, b in ((x1, None), (x1, x2)):
+        eager = force_compiled(net, a, b, ("nngp", "ntk"), False)
+        before = len(compiled._CACHE)
+        fast = force_compiled(net, a, b, ("nngp", "ntk"), True)
+        assert not compiled._BROKEN, compiled._BROKEN
+        assert len(compiled._CACHE) > before or b is not None  # the compiled path ran
+        # float64 round-off through the layers (the paths sum filter offsets in other orders)
+        torch.testing.assert_close(fast.nngp, eager.nngp, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(fast.ntk, eager.ntk, rtol=1e-12, atol=1e-13)
+        if b is None:  # diagonal 4 x 4 tiles are dense (not packed): symmetric to round-off
+            torch.testing.assert_close(fast.nngp, fast.nngp.T, rtol=1e-15, atol=0)
+    # NNGP only: the compiled kernels without an NTK
+    eager_nngp = force_compiled(net, x1, None, "nngp", False)
+    fast_nngp = force_compiled(net, x1, None, "nngp", True)
+    torch.testing.assert_close(fast_nngp, eager_nngp, rtol=1e-12, atol=1e-13)
+
+
+def test_compiled_path_is_skipped_where_it_does_not_apply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Small problems and tensors (auto mode), autograd and INFNETS_COMPILE=0 stay eager."""
+    t = torch.zeros(4, 4, dtype=torch.float64)
+    big = torch.zeros(compiled.MIN_ENTRIES, dtype=torch.float64)
+    monkeypatch.setenv("INFNETS_COMPILE", "auto")
+    assert not compiled.enabled(big)  # outside a large tiled problem
+    with compiled.large_problem(compiled.MIN_TOTAL - 1):
+        assert not compiled.enabled(big)
+    with compiled.large_problem(compiled.MIN_TOTAL):
+        assert not compiled.enabled(t)
+        assert compiled.enabled(big) == (not compiled._BROKEN)
+    assert not compiled.enabled(big)
+    monkeypatch.setenv("INFNETS_COMPILE", "1")
+    assert not compiled.enabled(t.clone().requires_grad_())
+    monkeypatch.setenv("INFNETS_COMPILE", "0")
+    assert not compiled.enabled(big)
