@@ -10,7 +10,8 @@ Problems (issue "Finite width"), the NTK traced over the 10 logits, ``x2 = None`
 Methods, each in a fresh subprocess (so peak memory is its own):
 
 * ``infnets``: ``infnets.empirical.empirical_ntk_fn(model)`` (``'auto'``, which picks the
-  structured-derivatives algorithm here; the choice is printed);
+  structured-derivatives algorithm here; the choice is printed, with the number of chunks
+  of output units when the cotangents are made chunk by chunk);
 * ``torch.func JC`` / ``torch.func NTVP``: the Jacobian-contraction and NTK-vector-product
   recipes of the PyTorch tutorial "Neural Tangent Kernels" (written out below), in their
   tutorial form; when that form exceeds the memory cap it is retried with its outer
@@ -21,7 +22,9 @@ Methods, each in a fresh subprocess (so peak memory is its own):
 
 ``first`` is the first call in the process (everything a fresh process pays after building
 the model), ``steady`` the best of ``--repeats`` later calls (the minimum: robust on a shared
-machine; NT's harness reports its median); ``peak MB`` is the peak
+machine; NT's harness reports its median), ``cpu`` the process CPU time of that best call
+(all threads; with ``--threads 1`` it is insensitive to other load on the machine);
+``peak MB`` is the peak
 resident set size of the subprocess minus its size after the model and inputs were built.
 Every subprocess runs under a memory cap (``--mem-gb``) and a time limit (``--timeout``);
 a method that exceeds them is reported as such, not hidden. Results of the torch methods
@@ -32,6 +35,7 @@ Run::
     python benchmarks/bench_empirical.py                 # both problems, float64
     python benchmarks/bench_empirical.py --problems mlp --nt --repeats 3
     python benchmarks/bench_empirical.py --device cuda   # on a GPU (no memory cap)
+    python benchmarks/bench_empirical.py --problems cnn --n 16 --threads 1   # CPU time
 """
 
 from __future__ import annotations
@@ -57,13 +61,14 @@ _TAG = "@@BENCH@@ "
 
 
 # ------------------------------------------------------------------------------ models
-def build(problem: str, dtype: Any, device: str, seed: int = 0):  # type: ignore[no-untyped-def]
-    """The model and the inputs of one problem (inputs ~ N(0, 1), as in ``_nt.make_inputs``)."""
+def build(problem: str, dtype: Any, device: str, seed: int = 0, n: int | None = None):  # type: ignore[no-untyped-def]
+    """The model and the inputs of one problem (inputs ~ N(0, 1), as in ``_nt.make_inputs``);
+    ``n`` overrides the number of examples."""
     import numpy as np
     import torch
     from torch import nn
 
-    spec = PROBLEMS[problem]
+    spec = dict(PROBLEMS[problem], **({"n": n} if n else {}))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if problem == "mlp":
@@ -148,7 +153,10 @@ def run_method(method: str, model, x):  # type: ignore[no-untyped-def]
         from infnets.empirical import empirical_ntk_fn
 
         ntk_fn = empirical_ntk_fn(model)
-        return lambda: ntk_fn(x), ntk_fn.plan(x).implementation
+        plan = ntk_fn.plan(x)
+        chunks = getattr(plan, "output_chunks", 1)
+        note = plan.implementation + (f", {chunks} output chunks" if chunks > 1 else "")
+        return lambda: ntk_fn(x), note
     chunk = int(os.environ.get("BENCH_CHUNK", "0")) or None
     fn = recipe_jacobian_contraction if method == "torch.func JC" else recipe_ntk_vector_products
     return lambda: fn(model, x, None, chunk), f"chunk_size={chunk}" if chunk else "tutorial form"
@@ -166,9 +174,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs in the subprocess: build, time first and steady calls, report memory."""
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
     device = spec["device"]
-    model, x = build(spec["problem"], dtype, device)
+    model, x = build(spec["problem"], dtype, device, n=spec.get("n"))
     fn, note = run_method(spec["method"], model, x)
     _sync(device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -179,15 +189,17 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     out = fn()
     _sync(device)
     first = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     res = {
         "first_s": first,
         "steady_s": min(times) if times else None,
+        "cpu_s": cpu[times.index(min(times))] if times else None,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0,
         "note": note,
         "threads": torch.get_num_threads(),
@@ -296,6 +308,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--n", type=int, default=None, help="examples (default: the problem's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per subprocess")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument(
         "--mem-gb",
@@ -318,15 +332,19 @@ def main() -> None:
         mem_gb = None
     import torch
 
+    if args.n:
+        for spec in PROBLEMS.values():
+            spec["n"] = args.n
     print(
         f"torch {torch.__version__}, {args.device}, {args.dtype}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+        f"{args.threads or torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
         f"memory cap {mem_gb} GB, timeout {args.timeout:.0f}s, {args.repeats} repeats"
     )
     for problem in args.problems:
         print(f"\n== {problem}: {PROBLEMS[problem]} ==")
         print(
-            f"{'method':<18} {'first s':>8} {'steady s':>8} {'peak MB':>8} {'vs infnets':>10}"
+            f"{'method':<18} {'first s':>8} {'steady s':>8} {'cpu s':>7} {'peak MB':>8}"
+            f" {'vs infnets':>10}"
             f" {'max rel diff':>12}  note"
         )
         rows: dict[str, dict[str, Any]] = {}
@@ -338,6 +356,8 @@ def main() -> None:
                     "dtype": args.dtype,
                     "device": args.device,
                     "repeats": args.repeats,
+                    "n": args.n,
+                    "threads": args.threads,
                     "save": os.path.join(tmp, f"{len(rows)}.pt"),
                 }
                 res = run_subprocess(spec, args.timeout, mem_gb)
@@ -360,7 +380,10 @@ def main() -> None:
                     res["error"] += (
                         f"; its Jacobians alone need {jacobian_gb(problem, args):.1f} GB"
                     )
-                print(f"{method:<18} {'':>8} {'':>8} {'':>8} {'':>10} {'':>12}  {res['error']}")
+                print(
+                    f"{method:<18} {'':>8} {'':>8} {'':>7} {'':>8} {'':>10} {'':>12}  "
+                    f"{res['error']}"
+                )
                 continue
             ratio = ""
             if base.get("steady_s") and res.get("steady_s"):
@@ -372,7 +395,8 @@ def main() -> None:
             gpu = f", GPU peak {res['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in res else ""
             print(
                 f"{method:<18} {_fmt_s(res['first_s']):>8} {_fmt_s(res['steady_s']):>8} "
-                f"{res['peak_mb']:8.0f} {ratio:>10} {diff:>12}  {res['note']}{gpu}"
+                f"{_fmt_s(res.get('cpu_s')):>7} {res['peak_mb']:8.0f} {ratio:>10} {diff:>12}  "
+                f"{res['note']}{gpu}"
             )
     print("\n'vs infnets' = steady time / infnets' steady time (> 1: infnets is faster).")
 

@@ -105,7 +105,10 @@ def empirical_ntk_fn(
       the bias gives ``(sum_p g1_p) . (sum_q g2_q)``. Parameters of other modules
       (normalization, custom layers, shared or parametrized weights) fall back to Jacobian
       contraction inside the same backward pass. Elementwise layers (activations, pooling)
-      need nothing: they only shape the cotangents.
+      need nothing: they only shape the cotangents. When every output axis is traced or
+      diagonal and all parameters are in ``nn.Linear`` layers, the output units are
+      processed in chunks (one forward pass, one backward pass per chunk) so that only one
+      chunk's cotangents are held: ``ntk_fn.plan(x1, x2).output_chunks`` tells how many.
     * ``'auto'`` (default): measures the forward FLOPs ``F`` of one example once per input
       shape and picks the cheapest by the estimates ``JC ~ (N1+N2) O 2F + 2 N1 N2 w P``,
       ``NTVP ~ N2 O (2F + 2 N1 F)``, ``structured ~`` JC with each structured layer's term

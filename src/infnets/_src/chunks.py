@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -10,14 +13,14 @@ from torch import Tensor
 
 from infnets._src.kernel import Kernel
 
-__all__ = ["PAIR_CHUNK", "evaluate_fc", "fc_plan"]
+__all__ = ["PAIR_CHUNK", "evaluate_fc", "fc_plan", "single_threaded_ops", "thread_workers"]
 
-#: pairs of examples per block and per torch thread on the fully-connected path:
-#: a block's temporaries (256 KB each per thread in float64) stay in the CPU's
-#: cache between layers, and each torch op on a block is still large enough
-#: (~30 us) for its fixed cost and torch's intra-op threads to pay off. Measured
-#: on 2 cores, 4000 examples: per-thread blocks of 16K-64K pairs are within noise
-#: of each other; 256K-pair blocks are ~15% slower (temporaries spill the cache).
+#: pairs of examples per block on the fully-connected path: a block's temporaries
+#: (256 KB each in float64) stay in the CPU's cache between layers, and each torch
+#: op on a block is still large enough (~30 us) for its fixed cost to be small.
+#: Blocks run on a pool of threads with single-threaded ops (see thread_workers).
+#: Measured on 2 cores, 4000 examples: 16K-64K pairs per block are within noise of
+#: each other; 256K-pair blocks are ~15% slower (temporaries spill the cache).
 PAIR_CHUNK = 1 << 15
 
 
@@ -40,7 +43,7 @@ def evaluate_fc(
     the ``(N1, N2)`` pair grid with that block's rows and columns of variances,
     and the blocks assembled give exactly the whole. Blocks of ``chunk`` pairs
     keep every temporary of the elementwise maps in cache and bound the scratch
-    memory; torch's intra-op threads parallelise each op of a block.
+    memory; blocks run side by side on a pool of threads, one torch thread each.
 
     Networks that :func:`fc_plan` recognises (Dense layers in the NTK
     parameterization and activations with fused pair maps: the ReLU family and
@@ -58,7 +61,7 @@ def evaluate_fc(
         x1: ``(N1, d)`` inputs.
         x2: ``(N2, d)`` inputs or ``None``.
         need_ntk: compute the NTK as well as the NNGP.
-        chunk: pairs per block (default: ``PAIR_CHUNK`` per torch thread).
+        chunk: pairs per block (default: ``PAIR_CHUNK``).
 
     Returns:
         The output :class:`Kernel` in the dense ``(N1, N2)`` layout.
@@ -71,7 +74,7 @@ def evaluate_fc(
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     if chunk is None:
-        chunk = PAIR_CHUNK * torch.get_num_threads()
+        chunk = PAIR_CHUNK
     if grad or n1 * n2 <= chunk:
         return _joined(layer, layer.kernel(input_kernel(x1, x2, need_ntk))).to_dense()
 
@@ -136,7 +139,12 @@ def evaluate_fc(
                 out[r1:, r0:r1] = val[:, r1 - r0 :].T
         return k if isinstance(k, Kernel) else None
 
-    parts = [run(b) for b in bounds]
+    workers = thread_workers(x1, len(bounds))
+    if workers > 1:  # each block writes its own region of the outputs
+        with single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(run, bounds))
+    else:
+        parts = [run(b) for b in bounds]
     if plan is not None:
         assert chains is not None
         # the record's metadata (shapes, flags) from the layers on one pair
@@ -273,6 +281,34 @@ def _run_plan(
 
 def _scalar(value: float, like: Tensor) -> Tensor:
     return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+def thread_workers(x1: Tensor, n_tasks: int) -> int:
+    """Threads to spread independent blocks or tiles over: one per intra-op thread.
+
+    On CPUs with OpenMP, blocks then run side by side with single-threaded torch
+    ops, instead of every op splitting itself over the threads and waiting at a
+    barrier: on a busy machine (another process holding a core) every such
+    barrier stalls, and a 0.5 s kernel took 30 s. Torch ops release the GIL, so
+    the threads overlap.
+    """
+    if x1.device.type != "cpu" or n_tasks < 2:
+        return 1
+    threads = torch.get_num_threads()
+    if threads < 2 or "OpenMP" not in torch.__config__.parallel_info():
+        return 1
+    return min(threads, n_tasks)
+
+
+@contextlib.contextmanager
+def single_threaded_ops() -> Iterator[None]:
+    """Torch ops of threads started inside run on one thread; restored on exit."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _has_grad_params(layer: Any) -> bool:

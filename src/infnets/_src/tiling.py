@@ -28,7 +28,7 @@ import ctypes
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from infnets._src import compiled
 from infnets._src import inputs as _inputs
-from infnets._src.chunks import evaluate_fc
+from infnets._src.chunks import evaluate_fc, single_threaded_ops, thread_workers
 from infnets._src.kernel import Kernel, pack_index, select, swap_spatial_pairs
 from infnets._src.layer import PACK_MIN_EXAMPLES, Layer
 
@@ -476,26 +476,11 @@ def kernel_fn(
                 f"{_human(budget)}; compute it in row blocks (x1[i:j]) or raise memory_budget."
             )
         # tiles run side by side on CPU threads (see _tile_workers): each needs its share
-        workers = max(1, _tile_workers(x1, 1 << 30))
+        workers = max(1, thread_workers(x1, 1 << 30))
         side = min(max(1, int(math.isqrt(int(avail // (per_pair * workers))))), cache_side)
     else:
         side = batch_size
     return select(_tiled(layer, x1, x2, need_ntk, full_in, out_full, side, progress), get)
-
-
-def _tile_workers(x1: Tensor, n_tiles: int) -> int:
-    """Threads to spread tiles over: one per intra-op thread, on CPUs with OpenMP.
-
-    Tiles then run side by side with single-threaded torch ops, instead of every
-    op splitting itself over the threads and waiting at a barrier, which on a busy
-    machine (another process holding a core) stalls every op.
-    """
-    if x1.device.type != "cpu" or n_tiles < 2:
-        return 1
-    threads = torch.get_num_threads()
-    if threads < 2 or "OpenMP" not in torch.__config__.parallel_info():
-        return 1
-    return min(threads, n_tiles)
 
 
 def _load_malloc_trim() -> Any:
@@ -516,17 +501,6 @@ def _trim_heap() -> None:
     """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
-
-
-@contextlib.contextmanager
-def _single_threaded_ops() -> Iterator[None]:
-    """Torch ops of threads started inside run on one thread; restored on exit."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _tiled(
@@ -584,14 +558,14 @@ def _tiled(
         delay=0.0 if progress else PROGRESS_DELAY_S,
         leave=False,
     )
-    workers = _tile_workers(x1, len(tiles) - 1)
+    workers = thread_workers(x1, len(tiles) - 1)
     entries = math.prod(x1.shape[2:]) ** (2 if full_in else 1) * n1 * n2
     stack = contextlib.ExitStack()
     stack.enter_context(compiled.large_problem(entries // (2 if symmetric else 1)))
     try:
         # with tile threads, every tile (the first too) runs single-threaded torch ops,
         # so compiled kernels (infnets._src.compiled) see one setting and compile once
-        with _single_threaded_ops() if workers > 1 else contextlib.nullcontext():
+        with single_threaded_ops() if workers > 1 else contextlib.nullcontext():
             first = compute(tiles[0])
         rest = tuple(first.nngp.shape[2:])
         out["nngp"] = first.nngp.new_empty((n1, n2) + rest)
@@ -606,7 +580,7 @@ def _tiled(
             # fragment glibc's heap: freed memory is kept and the resident size grows
             # with the number of tiles (to tens of GB for 10^4 tiles). Returning the free
             # pages every few tiles keeps the peak at a few tiles' worth.
-            with _single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
+            with single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
                 futures = {pool.submit(compute, t): t for t in tiles[1:]}
                 for done, fut in enumerate(as_completed(futures), 1):
                     store(futures.pop(fut), fut.result())
