@@ -39,7 +39,8 @@ chunk, and :func:`contract_chunked` contracts each chunk before the next is made
 used when all trainable parameters belong to dense-like structured layers (``nn.Linear``:
 nothing is recomputed per chunk) and the cotangents exceed :data:`OUTPUT_CHUNK_BYTES`;
 chunks keep at least :data:`OUTPUT_CHUNK_MIN_ROWS` rows (examples x units) per backward
-matrix product, so they cost no speed (:func:`output_chunks`).
+matrix product, so they cost little speed (:func:`output_chunks`; on the MLP above, 3 chunks
+of 192-256 rows take ~5% more CPU time than one chunk and a third of its memory).
 """
 
 from __future__ import annotations
@@ -407,7 +408,7 @@ def output_chunks(
 ) -> int:
     """Number of output-unit chunks for one kernel block of the structured path (1: none).
 
-    Chunks are used only where they cost nothing: every output axis traced or diagonal (the
+    Chunks are used only where they cost little: every output axis traced or diagonal (the
     kernel is a sum or a stack of per-unit terms), every layer dense-like (``nn.Linear`` on
     one position, or on several through its materialized weight Jacobian; convolutions and
     Gram-form layers would redo their patch products per chunk), cotangents of more than
