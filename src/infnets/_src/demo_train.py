@@ -13,8 +13,7 @@ Two protocols:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.func import vmap
 
+from infnets._src.chunks import single_threaded_ops as single_thread
 from infnets._src.layer import Layer
 
 __all__ = [
@@ -32,18 +32,6 @@ __all__ = [
     "accuracy",
     "single_thread",
 ]
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block (small per-step tensors train faster
-    without inter-thread synchronisation); the previous setting is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _stack(trees: list[Any]) -> Any:
