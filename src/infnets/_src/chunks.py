@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infnets._src import safe_math as sm
 from infnets._src.kernel import Kernel
 
 __all__ = ["PAIR_CHUNK", "evaluate_fc", "fc_plan", "single_threaded_ops", "thread_workers"]
@@ -239,7 +240,7 @@ def _variance_chain(plan: list[PlanStep], q: Tensor) -> list[Any]:
     chain: list[Any] = []
     for step in plan:
         if step.act is None:
-            q = torch.add(_scalar(step.b2, q), q, alpha=step.w2)
+            q = torch.add(sm.scalar_like(step.b2, q), q, alpha=step.w2)
             continue
         f = step.act.pair_factors(q)
         chain.append(f)
@@ -263,7 +264,7 @@ def _run_plan(
     i = 0
     for step in plan:
         if step.act is None:
-            c = torch.add(_scalar(step.b2, c), c, alpha=step.w2)
+            c = torch.add(sm.scalar_like(step.b2, c), c, alpha=step.w2)
             if need_ntk:
                 t = c if t is None else torch.add(c, t, alpha=step.w2)
             continue
@@ -277,10 +278,6 @@ def _run_plan(
             t = new
         c = new
     return c, t
-
-
-def _scalar(value: float, like: Tensor) -> Tensor:
-    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 def thread_workers(x1: Tensor, n_tasks: int) -> int:

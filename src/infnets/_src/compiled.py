@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from infnets._src.kernel import memory_order
+
 __all__ = ["MIN_ENTRIES", "MIN_TOTAL", "conv_pair", "enabled", "large_problem", "pair_map"]
 
 #: smallest covariance (entries of one tensor) worth a compiled kernel
@@ -130,15 +132,6 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
         return None
 
 
-def _memory_order(t: Tensor) -> tuple[list[int], list[int]]:
-    """Axes of ``t`` from the largest stride to the smallest, and the inverse permutation."""
-    order = sorted(range(t.ndim), key=lambda i: (-t.stride(i), i))
-    inverse = [0] * len(order)
-    for pos, dim in enumerate(order):
-        inverse[dim] = pos
-    return order, inverse
-
-
 def _in_order(x: Tensor, order: list[int], inverse: list[int]) -> Tensor:
     """``x`` stored in the memory order ``order`` (the compiler writes it so directly)."""
     return x.permute(order).contiguous().permute(inverse)
@@ -159,7 +152,7 @@ def pair_map(
     Returns:
         The new covariance and NTK, or ``None`` when the compiled path is unavailable.
     """
-    order, inverse = _memory_order(c)
+    order, inverse = memory_order(c)
     key = ("map", type(act), tuple(sorted(vars(act).items())), ntk is None, tuple(order))
 
     def build() -> Callable[..., Any]:
@@ -237,7 +230,7 @@ def conv_pair(
         ``(K', Theta')`` in the input's memory order (example axes innermost), or
         ``None`` when the compiled path is unavailable.
     """
-    order, inverse = _memory_order(nngp)
+    order, inverse = memory_order(nngp)
     key = ("conv", tuple(geoms), lead, full, w2f, b2, ntk is None, tuple(order))
 
     def build() -> Callable[..., Any]:

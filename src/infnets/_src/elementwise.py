@@ -161,19 +161,9 @@ class ElementwiseLayer(Layer):
         return compiled.pair_map(self, k.nngp, f1, f2, k.ntk)
 
 
-def _one(like: Tensor) -> Tensor:
-    """A 0-d one of ``like``'s dtype and device (broadcasts in fused ops)."""
-    return torch.ones((), dtype=like.dtype, device=like.device)
-
-
-def _full(value: float, like: Tensor) -> Tensor:
-    """A 0-d ``value`` of ``like``'s dtype and device (broadcasts in fused ops)."""
-    return torch.full((), value, dtype=like.dtype, device=like.device)
-
-
 def _sqrt_one_minus_square(rho: Tensor) -> Tensor:
     """``sqrt(1 - rho^2)`` for ``|rho| <= 1``, as ``u rsqrt(u)`` (cheaper than ``sqrt`` on CPU)."""
-    u = torch.addcmul(_one(rho), rho, rho, value=-1)  # >= 0 exactly when |rho| <= 1
+    u = torch.addcmul(sm.scalar_like(1.0, rho), rho, rho, value=-1)  # >= 0 exactly when |rho| <= 1
     return torch.clamp(u, min=torch.finfo(rho.dtype).tiny).rsqrt_().mul_(u)
 
 
@@ -246,7 +236,7 @@ class ABRelu(ElementwiseLayer):
         rho = torch.div(c, scale).clamp_(-1.0, 1.0)
         root = _sqrt_one_minus_square(rho)
         dot = rho.asin_().mul_(w2 * g).add_(w2 * s2)
-        new = torch.mul(c, dot) if b2 == 0 else torch.addcmul(_full(b2, c), c, dot)
+        new = torch.mul(c, dot) if b2 == 0 else torch.addcmul(sm.scalar_like(b2, c), c, dot)
         new.addcmul_(root, scale, value=w2 * g)
         return new, dot if need_dot else None
 
@@ -396,7 +386,7 @@ class Erf(ElementwiseLayer):
         z = torch.mul(k, r).clamp_(-1.0, 1.0)
         dot = None
         if need_dot:
-            dot = torch.addcmul(_one(z), z, z, value=-1).rsqrt_().mul_(r)
+            dot = torch.addcmul(sm.scalar_like(1.0, z), z, z, value=-1).rsqrt_().mul_(r)
             dot.mul_(w2 * 2 * self.a**2 / math.pi)
         new = z.asin_().mul_(w2 * 2 * self.a**2 / math.pi).add_(w2 * self.c**2 + b2)
         return new, dot

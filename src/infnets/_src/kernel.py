@@ -324,12 +324,17 @@ def alloc_like(like: Tensor, shape: Sequence[int]) -> Tensor:
     Returns:
         A permuted view of a new contiguous tensor.
     """
-    order = sorted(range(like.ndim), key=lambda i: (-like.stride(i), i))
-    buf = like.new_empty([shape[i] for i in order])
+    order, inverse = memory_order(like)
+    return like.new_empty([shape[i] for i in order]).permute(inverse)
+
+
+def memory_order(t: Tensor) -> tuple[list[int], list[int]]:
+    """Axes of ``t`` from the largest stride to the smallest, and the inverse permutation."""
+    order = sorted(range(t.ndim), key=lambda i: (-t.stride(i), i))
     inverse = [0] * len(order)
     for pos, dim in enumerate(order):
         inverse[dim] = pos
-    return buf.permute(inverse)
+    return order, inverse
 
 
 def select(kernel: Kernel, get: str | Sequence[str] | None):  # type: ignore[no-untyped-def]

@@ -16,7 +16,21 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["needs_grad", "safe_sqrt", "correlation", "arcsin", "arccos", "sqrt1m", "arccos_j1"]
+__all__ = [
+    "scalar_like",
+    "needs_grad",
+    "safe_sqrt",
+    "correlation",
+    "arcsin",
+    "arccos",
+    "sqrt1m",
+    "arccos_j1",
+]
+
+
+def scalar_like(value: float, like: Tensor) -> Tensor:
+    """A 0-d ``value`` of ``like``'s dtype and device (broadcasts in fused ops: ``addcmul``)."""
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 def needs_grad(*ts: Tensor) -> bool:
