@@ -295,6 +295,30 @@ def test_ensemble_matches_formulas(data, diag_reg):
     np.testing.assert_allclose(g.covariance.numpy(), c_ref, rtol=1e-7, atol=1e-9)
 
 
+def test_ensemble_ntk_covariance_both_routes(data):
+    """The direct ``A_t K_r A_t^T`` route (few times) and the eigenbasis route agree with the formula.
+
+    With one test point the first ``2 N / M = 20`` times take the direct route; a
+    second call with 30 more times crosses the threshold and builds ``V^T K_r V``.
+    """
+    a = data["np"]
+    lr, diag_reg = 0.6, 1e-3
+    k_r, t_r = ridge(a["K"], diag_reg), ridge(a["T"], diag_reg)
+    p = predict.gradient_descent_mse_ensemble(
+        StubKernelFn(), data["x_train"], data["y"], lr, diag_reg
+    )
+    x1 = data["x_test"][:1]
+    first = torch.tensor([0.3, 1.7], dtype=F64)
+    second = torch.linspace(0.1, 9.0, 30, dtype=F64)
+    for times in (first, second):
+        out = p(times, x1, "ntk", compute_cov=True)
+        for i, t in enumerate(times.tolist()):
+            _, c_ref = ref_ensemble(
+                t_r, a["Tx"][:1], k_r, a["Kx"][:1], a["Kxx"][:1, :1], a["y"], lr, t
+            )
+            np.testing.assert_allclose(out.covariance[i].numpy(), c_ref, rtol=1e-7, atol=1e-9)
+
+
 def test_ensemble_limits_and_caching(data):
     kernel_fn = StubKernelFn()
     p = predict.gradient_descent_mse_ensemble(kernel_fn, data["x_train"], data["y"], 0.7, 1e-3)
