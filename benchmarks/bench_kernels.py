@@ -71,9 +71,19 @@ print(json.dumps({"first_s": first, "steady_s": float(np.median(times)),
 def infnets_timing(act: str, n: int, d: int, repeats: int, save: str) -> dict:
     """Time infnets in a fresh subprocess (first call and steady state)."""
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(INFNETS_SNIPPET), act, str(n), str(d),
-         str(repeats), save],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(INFNETS_SNIPPET),
+            act,
+            str(n),
+            str(d),
+            str(repeats),
+            save,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -86,30 +96,41 @@ def main() -> None:
     parser.add_argument("--acts", default="relu,erf")
     args = parser.parse_args()
     matrix_mb = args.n * args.n * 8 / 2**20
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"N={args.n}, d={args.d}, float64; one NxN matrix = {matrix_mb:.0f} MB")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"N={args.n}, d={args.d}, float64; one NxN matrix = {matrix_mb:.0f} MB"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for act in args.acts.split(","):
             ours_path, nt_path = f"{tmp}/ours_{act}.npz", f"{tmp}/nt_{act}.npz"
             ours = infnets_timing(act, args.n, args.d, args.repeats, ours_path)
-            nt = _nt.nt_fc_kernel_timing(act=act, n=args.n, d=args.d, repeats=args.repeats,
-                                         save_path=nt_path)
+            nt = _nt.nt_fc_kernel_timing(
+                act=act, n=args.n, d=args.d, repeats=args.repeats, save_path=nt_path
+            )
             a, b = np.load(ours_path), np.load(nt_path)
-            err = max(float(np.max(np.abs(a[g] - b[g])) / np.max(np.abs(b[g])))
-                      for g in ("nngp", "ntk"))
+            err = max(
+                float(np.max(np.abs(a[g] - b[g])) / np.max(np.abs(b[g]))) for g in ("nngp", "ntk")
+            )
             nt_peak = nt["maxrss_mb"] - nt["rss_after_import_mb"]
             rows.append((act, ours, nt, nt_peak, err))
-    print(f"\n{'act':5} {'':9} {'first (s)':>10} {'steady (s)':>11} {'peak (MB)':>10} "
-          f"{'peak/NxN':>9}")
+    print(
+        f"\n{'act':5} {'':9} {'first (s)':>10} {'steady (s)':>11} {'peak (MB)':>10} {'peak/NxN':>9}"
+    )
     for act, ours, nt, nt_peak, err in rows:
-        print(f"{act:5} {'infnets':9} {ours['first_s']:10.3f} {ours['steady_s']:11.3f} "
-              f"{ours['peak_mb']:10.0f} {ours['peak_mb'] / matrix_mb:9.1f}")
-        print(f"{'':5} {'NT 0.6.5':9} {nt['first_s']:10.3f} {nt['steady_s']:11.3f} "
-              f"{nt_peak:10.0f} {nt_peak / matrix_mb:9.1f}")
-        print(f"{'':5} {'ratio':9} {nt['first_s'] / ours['first_s']:9.2f}x "
-              f"{nt['steady_s'] / ours['steady_s']:10.2f}x   (NT time / infnets time); "
-              f"max relative difference of the kernels {err:.1e}")
+        print(
+            f"{act:5} {'infnets':9} {ours['first_s']:10.3f} {ours['steady_s']:11.3f} "
+            f"{ours['peak_mb']:10.0f} {ours['peak_mb'] / matrix_mb:9.1f}"
+        )
+        print(
+            f"{'':5} {'NT 0.6.5':9} {nt['first_s']:10.3f} {nt['steady_s']:11.3f} "
+            f"{nt_peak:10.0f} {nt_peak / matrix_mb:9.1f}"
+        )
+        print(
+            f"{'':5} {'ratio':9} {nt['first_s'] / ours['first_s']:9.2f}x "
+            f"{nt['steady_s'] / ours['steady_s']:10.2f}x   (NT time / infnets time); "
+            f"max relative difference of the kernels {err:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -137,10 +137,18 @@ def bench_infnets(
         "rest_per_time_s": rest_s / max(1, n_times - 1),
         "kernel_s": kernel_time[0],
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "n_train": n_train, "n_test": n_test, "n_out": n_out, "n_times": n_times, "d": d,
-        "get": list(get), "dtype": str(rest[0].covariance.dtype), "device": str(dev),
-        "torch_threads": torch.get_num_threads(), "finite": finite,
-        "mean_shape": list(rest[0].mean.shape), "cov_shape": list(rest[0].covariance.shape),
+        "n_train": n_train,
+        "n_test": n_test,
+        "n_out": n_out,
+        "n_times": n_times,
+        "d": d,
+        "get": list(get),
+        "dtype": str(rest[0].covariance.dtype),
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+        "finite": finite,
+        "mean_shape": list(rest[0].mean.shape),
+        "cov_shape": list(rest[0].covariance.shape),
     }
 
 
@@ -192,9 +200,19 @@ def bench_nt(
     import _nt  # noqa: PLC0415
 
     code = NT_SNIPPET.format(
-        n_train=n_train, n_test=n_test, n_out=n_out, n_times=n_times, d=d, seed=seed,
-        get=tuple(get), learning_rate=learning_rate, diag_reg=diag_reg, depth=DEPTH,
-        width=WIDTH, w_std=W_STD, b_std=B_STD,
+        n_train=n_train,
+        n_test=n_test,
+        n_out=n_out,
+        n_times=n_times,
+        d=d,
+        seed=seed,
+        get=tuple(get),
+        learning_rate=learning_rate,
+        diag_reg=diag_reg,
+        depth=DEPTH,
+        width=WIDTH,
+        w_std=W_STD,
+        b_std=B_STD,
     )
     return _nt.run_nt(code)
 
@@ -208,18 +226,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--nt", action="store_true", help="also time Neural Tangents")
     args = parser.parse_args()
-    sizes = dict(n_train=args.n_train, n_test=args.n_test, n_out=args.n_out,
-                 n_times=args.n_times)
-    print(f"machine: {platform.processor() or platform.machine()}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads")
+    sizes = dict(n_train=args.n_train, n_test=args.n_test, n_out=args.n_out, n_times=args.n_times)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads"
+    )
     results = [bench_infnets(**sizes, device=args.device)]
     if args.nt:
         results.append(bench_nt(**sizes))
     for r in results:
-        print(f"{r['library']:>16}: first time point {r['first_s']:.2f} s "
-              f"(kernels {r.get('kernel_s', float('nan')):.2f} s), other "
-              f"{args.n_times - 1} time points {r['rest_s']:.2f} s "
-              f"({r['rest_per_time_s']:.3f} s each)")
+        print(
+            f"{r['library']:>16}: first time point {r['first_s']:.2f} s "
+            f"(kernels {r.get('kernel_s', float('nan')):.2f} s), other "
+            f"{args.n_times - 1} time points {r['rest_s']:.2f} s "
+            f"({r['rest_per_time_s']:.3f} s each)"
+        )
     print(json.dumps(results, indent=1))
 
 

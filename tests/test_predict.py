@@ -296,7 +296,7 @@ def test_ensemble_matches_formulas(data, diag_reg):
 
 
 def test_ensemble_ntk_covariance_both_routes(data):
-    """The direct ``A_t K_r A_t^T`` route (few times) and the eigenbasis route agree with the formula.
+    """The direct ``A_t K_r A_t^T`` route (few times) and the eigenbasis route match the formula.
 
     With one test point the first ``2 N / M = 20`` times take the direct route; a
     second call with 30 more times crosses the threshold and builds ``V^T K_r V``.
