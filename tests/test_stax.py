@@ -914,6 +914,24 @@ def test_threaded_blocks_equal_one_block(name: str, need_ntk: bool) -> None:
         torch.set_num_threads(before)
 
 
+def test_erf_with_zero_gain_is_constant_without_nan() -> None:
+    """``Erf(a=0)`` is the constant ``c``: the kernel after the readout is
+    ``W^2 c^2 + b^2`` and the NTK equals it (the derivative term vanishes, no
+    ``0 * inf`` at correlation 1), on the fused block path and layer by layer."""
+    from infnets._src.chunks import evaluate_fc
+
+    net = stax.serial(
+        stax.Dense(16, W_std=1.3, b_std=0.2), stax.Erf(a=0.0, c=0.5), stax.Dense(1, 1.1, 0.3)
+    )
+    x = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[5] = x[2]
+    expected = 1.1**2 * 0.5**2 + 0.3**2
+    for chunk in (100, 10**9):
+        k = evaluate_fc(net, x, None, need_ntk=True, chunk=chunk)
+        torch.testing.assert_close(k.nngp, torch.full_like(k.nngp, expected), rtol=1e-14, atol=0)
+        torch.testing.assert_close(k.ntk, k.nngp, rtol=1e-14, atol=0)
+
+
 def test_fc_plan_falls_back_where_it_does_not_apply() -> None:
     """Only Dense (NTK parameterization, float hyper-parameters) and fused activations
     after a Dense form a plan; everything else is evaluated layer by layer."""

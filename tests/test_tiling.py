@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from infnets import stax
-from infnets._src import tiling
+from infnets._src import chunks, tiling
 
 F64 = torch.float64
 
@@ -127,6 +127,39 @@ def test_threads_restored_after_parallel_tiles():
     k = net.kernel_fn(x, None, "ntk", batch_size=3)
     assert torch.get_num_threads() == threads
     _close(k, net.kernel_fn(x, None, "ntk"))
+
+
+@pytest.mark.skipif(chunks._LIBC is None, reason="glibc heap controls (Linux) only")
+def test_heap_is_trimmed_when_resident_size_grows(monkeypatch):
+    """Tiled runs return freed memory to the OS once the resident size grows by ``keep``."""
+    before = chunks._resident_bytes()
+    block = torch.ones(96 << 20, dtype=torch.uint8)  # above the mmap threshold: new pages
+    assert chunks._resident_bytes() >= before + (64 << 20)
+    del block
+    trims = []
+
+    class Libc:  # records malloc_trim calls instead of making them
+        def malloc_trim(self, pad):
+            trims.append(pad)
+
+        def mallopt(self, param, value):
+            return 1
+
+    monkeypatch.setattr(chunks, "_LIBC", Libc())
+    heap = chunks.Heap(keep=64 << 20)
+    heap.check()
+    assert trims == []  # within the allowance
+    heap.limit = chunks._resident_bytes() - 1  # as if the resident size had grown past it
+    heap.check()
+    assert trims == [0]
+    # a tiled run on several threads goes through the check and still matches
+    monkeypatch.setattr(tiling, "HEAP_KEEP_BYTES", -(1 << 20))  # the limit is already passed
+    trims.clear()
+    net, x = _gap_net(), _x((12, 1, 4, 5))
+    k = net.kernel_fn(x, None, "ntk", batch_size=3)
+    _close(k, net.kernel_fn(x, None, "ntk"))
+    if tiling.thread_workers(x, 9) > 1:
+        assert len(trims) == 9  # after each of the 9 tiles the threads completed
 
 
 def test_progress_bar(capsys):

@@ -116,7 +116,12 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
             with _LOCK:  # compile once, even with tiles running on several threads
                 fn = _CACHE.get(full_key)
                 if fn is None:
-                    fn = torch.compile(build(), dynamic=False, fullgraph=True)
+                    # cpp_wrapper: the generated C++ entry point releases the GIL, so
+                    # tiles on several threads run compiled kernels side by side (the
+                    # default Python wrapper holds it for the whole kernel)
+                    fn = torch.compile(
+                        build(), dynamic=False, fullgraph=True, options={"cpp_wrapper": True}
+                    )
                     out = fn(*args)  # compiles here
                     _CACHE[full_key] = fn
                     return out

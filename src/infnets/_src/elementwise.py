@@ -384,11 +384,21 @@ class Erf(ElementwiseLayer):
         """
         r = torch.mul(f1, f2)
         z = torch.mul(k, r).clamp_(-1.0, 1.0)
+        gain = w2 * 2 * self.a**2 / math.pi
         dot = None
         if need_dot:
-            dot = torch.addcmul(sm.scalar_like(1.0, z), z, z, value=-1).rsqrt_().mul_(r)
-            dot.mul_(w2 * 2 * self.a**2 / math.pi)
-        new = z.asin_().mul_(w2 * 2 * self.a**2 / math.pi).add_(w2 * self.c**2 + b2)
+            if 1e-100 < gain < 1e100:  # gain / sqrt(1 - z^2) = rsqrt((1 - z^2) / gain^2)
+                inv = 1.0 / gain**2
+                u = torch.addcmul(sm.scalar_like(inv, z), z, z, value=-inv)
+                dot = u.rsqrt_().mul_(r)
+            elif gain == 0:  # a = 0 or W_std = 0: no derivative (not 0 * inf at z = 1)
+                dot = torch.zeros_like(z)
+            else:
+                dot = torch.addcmul(sm.scalar_like(1.0, z), z, z, value=-1).rsqrt_().mul_(r)
+                dot.mul_(gain)
+        shift = w2 * self.c**2 + b2
+        z.asin_()
+        new = torch.add(sm.scalar_like(shift, z), z, alpha=gain, out=z) if shift else z.mul_(gain)
         return new, dot
 
     def nngp_map(self, k: Tensor, q1: Tensor, q2: Tensor) -> Tensor:

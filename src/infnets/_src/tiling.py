@@ -24,10 +24,8 @@ r"""Evaluating ``kernel_fn``: input kernels, spatial layouts, memory budget and 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
@@ -37,7 +35,14 @@ from torch import Tensor
 
 from infnets._src import compiled
 from infnets._src import inputs as _inputs
-from infnets._src.chunks import evaluate_fc, single_threaded_ops, thread_workers
+from infnets._src.chunks import (
+    HEAP_KEEP_BYTES,
+    Heap,
+    evaluate_fc,
+    single_threaded_ops,
+    thread_workers,
+    tune_heap,
+)
 from infnets._src.kernel import Kernel, pack_index, select, swap_spatial_pairs
 from infnets._src.layer import PACK_MIN_EXAMPLES, Layer
 
@@ -64,7 +69,7 @@ PROGRESS_DELAY_S = 5.0
 SMALL_CHANNELS = 8
 #: on CPUs, spatial kernels are computed in tiles of about this many covariance entries
 #: per example pair block (~4 MiB in float64), so that every pass over them stays in cache
-CACHE_TILE_ENTRIES = 1 << 19
+CACHE_TILE_ENTRIES = 1 << 21
 
 
 # ------------------------------------------------------------- input kernel
@@ -483,26 +488,6 @@ def kernel_fn(
     return select(_tiled(layer, x1, x2, need_ntk, full_in, out_full, side, progress), get)
 
 
-def _load_malloc_trim() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-#: completed tiles between two returns of freed heap memory to the OS (see _tiled)
-TRIM_EVERY = 16
-
-
-def _trim_heap() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def _tiled(
     layer: Layer,
     x1: Tensor,
@@ -559,6 +544,8 @@ def _tiled(
         leave=False,
     )
     workers = thread_workers(x1, len(tiles) - 1)
+    if x1.device.type == "cpu":
+        tune_heap()
     entries = math.prod(x1.shape[2:]) ** (2 if full_in else 1) * n1 * n2
     stack = contextlib.ExitStack()
     stack.enter_context(compiled.large_problem(entries // (2 if symmetric else 1)))
@@ -576,17 +563,13 @@ def _tiled(
         store(tiles[0], first)
         bar.update(1)
         if workers > 1 and not first.nngp.requires_grad:  # no autograd graph to share
-            # Tiles whose multi-megabyte temporaries interleave on several threads
-            # fragment glibc's heap: freed memory is kept and the resident size grows
-            # with the number of tiles (to tens of GB for 10^4 tiles). Returning the free
-            # pages every few tiles keeps the peak at a few tiles' worth.
+            heap = Heap(HEAP_KEEP_BYTES)  # bounds fragmentation (see Heap)
             with single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
                 futures = {pool.submit(compute, t): t for t in tiles[1:]}
-                for done, fut in enumerate(as_completed(futures), 1):
+                for fut in as_completed(futures):
                     store(futures.pop(fut), fut.result())
                     bar.update(1)
-                    if done % TRIM_EVERY == 0:
-                        _trim_heap()
+                    heap.check()
         else:
             for tile in tiles[1:]:
                 store(tile, compute(tile))
