@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _nt  # noqa: E402
 
 W_STD, B_STD, CHANNELS = 1.4, 0.1, 64
+#: set by --cold-cache
+COLD_CACHE = [False]
 
 PROBLEMS = {
     # name: (readout, number of images or 'digits')
@@ -95,6 +97,7 @@ for _ in range(repeats):
 if save:
     np.savez(save, nngp=k.nngp.numpy(), ntk=k.ntk.numpy())
 print(json.dumps({"first_s": first, "steady_s": float(np.median(times)) if times else None,
+                  "times_s": times,
                   "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                               - rss_import) / 1024,
                   "first_peak_mb": (rss_first - rss_import) / 1024,
@@ -111,12 +114,24 @@ def make_images(which: int | str, seed: int = 0) -> np.ndarray:
     return _nt.make_inputs((int(which), 8, 8, 1), seed)
 
 
-def infnets_timing(readout: str, inputs: str, repeats: int, threads: int, save: str) -> dict:
-    """Time infnets in a fresh subprocess (first call and steady state)."""
+def infnets_timing(
+    readout: str, inputs: str, repeats: int, threads: int, save: str, compile_all: bool = False
+) -> dict:
+    """Time infnets in a fresh subprocess (first call and steady state).
+
+    ``compile_all`` runs it with ``INFNETS_COMPILE=1``: every eligible covariance
+    kernel is compiled (TorchInductor), like ``jax.jit``; compilation happens in
+    the first calls (each new shape on its second use) and is cached on disk.
+    """
+    env = dict(os.environ)
+    if compile_all:
+        env["INFNETS_COMPILE"] = "1"
+    if COLD_CACHE[0]:  # TorchInductor's on-disk cache starts empty: compilation from scratch
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(INFNETS_SNIPPET), readout, inputs,
          str(repeats), str(threads), save, str(W_STD), str(B_STD), str(CHANNELS)],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=env,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -150,7 +165,18 @@ def main() -> None:
     parser.add_argument("--nt-digits", action="store_true", help="run Neural Tangents on digits")
     parser.add_argument("--no-nt", action="store_true", help="infnets only")
     parser.add_argument("--json", default="", help="write the results to this file")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time infnets with INFNETS_COMPILE=1 (every kernel compiled, like jax.jit)",
+    )
+    parser.add_argument(
+        "--cold-cache",
+        action="store_true",
+        help="give every infnets subprocess an empty TorchInductor cache (worst-case compile)",
+    )
     args = parser.parse_args()
+    COLD_CACHE[0] = args.cold_cache
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}; float64; kernel_fn(x, None, ('nngp', 'ntk'))"
@@ -167,6 +193,10 @@ def main() -> None:
             ours_path, nt_path = f"{tmp}/ours_{name}.npz", f"{tmp}/nt_{name}.npz"
             ours = infnets_timing(readout, inputs, repeats, args.threads, ours_path)
             row = {"n": int(x.shape[0]), "readout": readout, "infnets": ours}
+            if args.compile and name != "digits":
+                row["infnets_jit"] = infnets_timing(
+                    readout, inputs, max(repeats, 3), args.threads, "", compile_all=True
+                )
             if not args.no_nt and (name != "digits" or args.nt_digits):
                 nt = nt_timing(readout, inputs, repeats, nt_path)
                 a, b = np.load(ours_path), np.load(nt_path)
@@ -183,6 +213,13 @@ def main() -> None:
                 f"{_fmt(ours['steady_s'], 11, '.2f')} {_fmt(ours['peak_mb'], 10, '.0f')}"
                 f"   ({ours['threads']} torch threads)"
             )
+            jit = row.get("infnets_jit")
+            if jit:
+                print(
+                    f"  {'+ jit':9} {_fmt(jit['first_s'], 10, '.2f')} "
+                    f"{_fmt(jit['steady_s'], 11, '.2f')} {_fmt(jit['peak_mb'], 10, '.0f')}"
+                    f"   (INFNETS_COMPILE=1; calls {', '.join(f'{t:.2f}' for t in jit['times_s'])})"
+                )
             if "nt" in row:
                 nt = row["nt"]
                 print(
@@ -198,6 +235,11 @@ def main() -> None:
                     f"{_fmt(speed, 0, '.1f')}x; max relative difference "
                     f"{row['max_rel_diff']:.1e}"
                 )
+                if jit and jit["steady_s"] and nt["steady_s"]:
+                    print(
+                        f"  speed-up with jit: first {nt['first_s'] / jit['first_s']:.1f}x, "
+                        f"steady {nt['steady_s'] / jit['steady_s']:.1f}x"
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -229,6 +229,27 @@ def test_one_by_one_conv_on_one_pixel_is_dense(par):
     torch.testing.assert_close(kc.ntk, kd.ntk, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("par", ["ntk", "standard"])
+def test_layers_before_the_first_conv_keep_a_zero_ntk(par):
+    """Raw inputs have a zero NTK (stored without memory); pooling before the first
+    Conv keeps it zero, a parameter-free network returns real zeros, and the NTK after
+    pooling then a Conv equals the one of the same Conv on pre-pooled inputs."""
+    x = _images((6, 2, 6, 6))
+    free = stax.serial(stax.AvgPool((1, 1)), stax.AvgPool((2, 2)), stax.Flatten())
+    k = free.kernel_fn(x, None, ("nngp", "ntk"))
+    assert torch.equal(k.ntk, torch.zeros_like(k.nngp)) and k.ntk.is_contiguous()
+    k.ntk.add_(1.0)  # a real tensor the user may write
+    conv = stax.Conv(3, (3, 3), padding="SAME", W_std=1.2, b_std=0.3, parameterization=par)
+    tail = [stax.Relu(), stax.Flatten(), stax.Dense(1, 0.8, 0.1, par)]
+    pooled = stax.serial(stax.AvgPool((2, 2)), conv, *tail).kernel_fn(x, None, ("nngp", "ntk"))
+    # 2x2 average pooling of the inputs is a finite map of x; the input kernel of the
+    # pooled images is the pooled input kernel, so the two must agree to round-off
+    xp = torch.nn.functional.avg_pool2d(x, 2)
+    direct = stax.serial(conv, *tail).kernel_fn(xp, None, ("nngp", "ntk"))
+    torch.testing.assert_close(pooled.nngp, direct.nngp, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(pooled.ntk, direct.ntk, rtol=1e-12, atol=1e-14)
+
+
 def _body():
     return [
         stax.Conv(8, (3, 3), padding="SAME", W_std=1.4, b_std=0.1),

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -95,6 +96,17 @@ def _signature(args: Sequence[Any]) -> tuple[Any, ...]:
     return tuple((tuple(a.shape), a.stride(), a.dtype) for a in args if isinstance(a, Tensor))
 
 
+def _own_code(fn: Callable[..., Any], n: int) -> Callable[..., Any]:
+    """``fn`` with a code object of its own, so each variant is a separate dynamo entry.
+
+    TorchDynamo caches compiled graphs per code object and stops (here: raises,
+    under ``fullgraph``) after ``recompile_limit`` variants of one; the variants
+    of a kernel built by one factory share its inner function's code.
+    """
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{n}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
     """Run the compiled function ``key`` for these argument shapes; ``None`` to run eager.
 
@@ -120,7 +132,10 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
                     # tiles on several threads run compiled kernels side by side (the
                     # default Python wrapper holds it for the whole kernel)
                     fn = torch.compile(
-                        build(), dynamic=False, fullgraph=True, options={"cpp_wrapper": True}
+                        _own_code(build(), len(_CACHE)),
+                        dynamic=False,
+                        fullgraph=True,
+                        options={"cpp_wrapper": True},
                     )
                     out = fn(*args)  # compiles here
                     _CACHE[full_key] = fn

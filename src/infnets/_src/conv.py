@@ -39,7 +39,7 @@ from infnets._src import compiled
 from infnets._src import inputs as _inputs
 from infnets._src import safe_math as sm
 from infnets._src.dense import check_parameterization
-from infnets._src.kernel import alloc_like
+from infnets._src.kernel import alloc_like, is_zero_ntk
 from infnets._src.layer import Layer, Params
 
 __all__ = [
@@ -504,19 +504,25 @@ class Conv(Layer):
             t = t if scale is None else t * scale
             return t if shift is None else t + shift
 
+        # raw inputs (or layers without parameters before this one): Theta = 0, so the
+        # NTK is K' (NTK parameterization) or A(C K) + [bias] (standard), no A(Theta)
+        zero = is_zero_ntk(k.ntk)
         done = None
         if fused and not standard and compiled.supports(geoms) and compiled.enabled(k.nngp):
-            done = compiled.conv_pair(k.nngp, k.ntk, lead, full, geoms, w2f, b2)
+            done = compiled.conv_pair(k.nngp, None if zero else k.ntk, lead, full, geoms, w2f, b2)
         if done is not None:
             nngp, ntk = done
+            if zero:
+                ntk = nngp  # Theta' = K' (layers never write their inputs in place)
         else:
             nngp = a(k.nngp, scale=w2f, shift=b2)
             ntk = k.ntk
         if ntk is not None and done is None:
             if standard:  # A(C K + W^2/|F| Theta) + [bias]
-                ntk = a(ntk, scale=w2f, shift=a(k.nngp, scale=float(c_in), shift=one))
+                base = a(k.nngp, scale=float(c_in), shift=one)
+                ntk = base if zero else a(ntk, scale=w2f, shift=base)
             else:  # K' + W^2/|F| A(Theta)
-                ntk = a(ntk, scale=w2f, shift=nngp)
+                ntk = nngp if zero else a(ntk, scale=w2f, shift=nngp)
         out_spatial = tuple(g.out for g in geoms)
 
         def shape(s: tuple[int, ...]) -> tuple[int, ...]:

@@ -310,6 +310,28 @@ def gather_examples(v: Tensor, index: Tensor) -> Tensor:
     return v.movedim(0, -1).index_select(-1, index).movedim(-1, 0)
 
 
+def zero_ntk(like: Tensor) -> Tensor:
+    """The NTK of raw inputs: zeros shaped like ``like``, without memory.
+
+    A stride-0 view of one zero: layers read it like any tensor (an in-place
+    write would raise, never corrupt), ``Conv`` skips its window sums
+    (:func:`is_zero_ntk`), and results still holding it are materialised
+    before they reach the user.
+    """
+    return like.new_zeros(()).expand(like.shape)
+
+
+def is_zero_ntk(t: Tensor | None) -> bool:
+    """Whether ``t`` is a :func:`zero_ntk` view (every stride 0, one zero stored)."""
+    return (
+        t is not None
+        and t.numel() > 1
+        and not any(t.stride())
+        and t.untyped_storage().nbytes() == t.element_size()
+        and not bool(t[(0,) * t.ndim])
+    )
+
+
 def alloc_like(like: Tensor, shape: Sequence[int]) -> Tensor:
     """An uninitialised tensor of ``shape`` whose axes lie in memory in ``like``'s order.
 

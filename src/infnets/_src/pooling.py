@@ -147,6 +147,7 @@ class _Pool(Layer):
         def pool(t: Tensor | None, lead: int) -> Tensor | None:
             if t is None:
                 return None
+            given = t
             for a, g in enumerate(geoms):
                 dims = (lead + 2 * a, lead + 2 * a + 1) if full else (lead + a,)
                 for dim in dims:  # each position of the pair has its own window
@@ -156,7 +157,7 @@ class _Pool(Layer):
                         shape[dim] = -1
                         t = t / div[a].reshape(shape)
             if scale is not None:
-                t = scale_shift(t, scale, None, True)
+                t = scale_shift(t, scale, None, t is not given)  # never the input in place
             return t
 
         out_spatial = tuple(g.out for g in geoms)

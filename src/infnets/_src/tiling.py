@@ -43,7 +43,14 @@ from infnets._src.chunks import (
     thread_workers,
     tune_heap,
 )
-from infnets._src.kernel import Kernel, pack_index, select, swap_spatial_pairs
+from infnets._src.kernel import (
+    Kernel,
+    is_zero_ntk,
+    pack_index,
+    select,
+    swap_spatial_pairs,
+    zero_ntk,
+)
 from infnets._src.layer import PACK_MIN_EXAMPLES, Layer
 
 __all__ = [
@@ -119,7 +126,7 @@ def spatial_input_kernel(
         nngp, cov1, cov2 = _matmuls(x1, xb, index, symmetric, full)
     return Kernel(
         nngp=nngp,
-        ntk=torch.zeros_like(nngp) if need_ntk else None,
+        ntk=zero_ntk(nngp) if need_ntk else None,  # no parameters yet
         cov1=cov1,
         cov2=cov2,
         shape1=tuple(x1.shape),
@@ -373,6 +380,8 @@ def _single(
             f"{layer!r} ends with {len(k_out)} branches; join them with a FanIn layer "
             "(FanInSum, FanInConcat, FanInProd) before asking for a kernel."
         )
+    if is_zero_ntk(k_out.ntk):  # no parameter anywhere: a real tensor of zeros
+        k_out = k_out.replace(ntk=torch.zeros_like(k_out.nngp))
     return k_out.to_dense()
 
 
