@@ -92,6 +92,34 @@ def test_tiled_equals_untiled_two_batches(name):
     _close(got.cov2, ref.cov2)
 
 
+@pytest.mark.parametrize("name", ["gap", "spatial_out"])
+def test_short_last_block_is_padded_to_the_tile_shape(name, monkeypatch):
+    """A short last block (1 or 9 examples of 10) is filled up with copies of the first
+    examples, so every tile has one shape; the padding pairs are dropped."""
+    make, shape = CASES[name]
+    net = make()
+    x1 = _x((51,) + tuple(shape[1:]), seed=2)
+    x2 = _x((49,) + tuple(shape[1:]), seed=4)
+    monkeypatch.setattr(tiling, "PAD_FRACTION", 0.2)
+    sizes = []
+    real = tiling._single
+    monkeypatch.setattr(
+        tiling,
+        "_single",
+        lambda *a: (
+            sizes.append((a[1].shape[0], None if a[2] is None else a[2].shape[0])) or real(*a)
+        ),
+    )
+    for a, b in ((x1, None), (x1, x2)):
+        ref = net.kernel_fn(a, b, None)
+        sizes.clear()
+        k = net.kernel_fn(a, b, None, batch_size=10, progress=False)
+        for field in ("nngp", "ntk", "cov1") + (("cov2",) if b is not None else ()):
+            _close(getattr(k, field), getattr(ref, field))
+        assert set(sizes) <= {(10, None), (10, 10)}  # one tile shape per layout
+        assert k.nngp.shape[:2] == (51, 51 if b is None else 49)
+
+
 def test_memory_budget_tiles_and_matches(monkeypatch):
     net, x = _gap_net(), _x((20, 1, 4, 5))
     ref = net.kernel_fn(x, None, ("nngp", "ntk"))

@@ -53,6 +53,7 @@ MIN_TOTAL = 1 << 30
 _LARGE = [0]
 
 _LOCK = threading.Lock()
+_COMPILING = threading.Lock()
 #: most shape patterns compiled per process (each costs seconds the first time)
 MAX_VARIANTS = 32
 #: uses of a shape pattern that run eager before it is compiled
@@ -125,7 +126,11 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
                 return None
     try:
         if fn is None:
-            with _LOCK:  # compile once, even with tiles running on several threads
+            # one compilation at a time; meanwhile other tile threads run eager
+            # instead of waiting for it (seconds per kernel)
+            if not _COMPILING.acquire(blocking=False):
+                return None
+            try:
                 fn = _CACHE.get(full_key)
                 if fn is None:
                     # cpp_wrapper: the generated C++ entry point releases the GIL, so
@@ -140,6 +145,8 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
                     out = fn(*args)  # compiles here
                     _CACHE[full_key] = fn
                     return out
+            finally:
+                _COMPILING.release()
         return fn(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
         _BROKEN.append(repr(err))

@@ -497,6 +497,23 @@ def kernel_fn(
     return select(_tiled(layer, x1, x2, need_ntk, full_in, out_full, side, progress), get)
 
 
+#: most extra work accepted to give every tile the same shape (see _tiled)
+PAD_FRACTION = 0.02
+
+
+def _padded(x: Tensor, side: int) -> Tensor | None:
+    """``x`` extended with copies of its first examples to a multiple of ``side``.
+
+    ``None`` when no padding is needed or it would add more than
+    :data:`PAD_FRACTION` of the examples.
+    """
+    n = x.shape[0]
+    pad = -n % side
+    if pad == 0 or pad > PAD_FRACTION * n or pad > n:
+        return None
+    return torch.cat([x, x[:pad]])
+
+
 def _tiled(
     layer: Layer,
     x1: Tensor,
@@ -512,20 +529,39 @@ def _tiled(
     symmetric = x2 is None
     xb = x1 if x2 is None else x2
     n1, n2 = x1.shape[0], xb.shape[0]
-    rows = [(a, min(a + side, n1)) for a in range(0, n1, side)]
-    cols = rows if symmetric else [(b, min(b + side, n2)) for b in range(0, n2, side)]
+    # Every tile gets the same shape: a short last block of rows (columns) is filled
+    # up with copies of the first examples, whose pairs are computed and dropped
+    # (at most PAD_FRACTION more work). Tiles then share one shape per layout, so
+    # compiled kernels (infnets._src.compiled) compile once, not again for the edge.
+    p1, p2 = _padded(x1, side), (None if symmetric else _padded(xb, side))
+    xs1 = x1 if p1 is None else p1
+    xsb = xs1 if symmetric else (xb if p2 is None else p2)
+    rows = [(a, a + side if p1 is not None else min(a + side, n1)) for a in range(0, n1, side)]
+    cols = (
+        rows
+        if symmetric
+        else [(b, b + side if p2 is not None else min(b + side, n2)) for b in range(0, n2, side)]
+    )
     tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not symmetric or i <= j]
     out: dict[str, Tensor | None] = {}
 
     def compute(tile: tuple[int, int]) -> Kernel:
         (a0, a1), (b0, b1) = rows[tile[0]], cols[tile[1]]
-        other = None if symmetric and tile[0] == tile[1] else xb[b0:b1]
-        return _single(layer, x1[a0:a1], other, need_ntk, full_in, out_full)
+        other = None if symmetric and tile[0] == tile[1] else xsb[b0:b1]
+        return _single(layer, xs1[a0:a1], other, need_ntk, full_in, out_full)
 
     def store(tile: tuple[int, int], k: Kernel) -> None:
         """Write a tile (and its mirror) into the outputs: disjoint regions per tile."""
         i, j = tile
         (a0, a1), (b0, b1) = rows[i], cols[j]
+        if a1 > n1 or b1 > n2:  # drop the pairs of padding examples
+            a1, b1 = min(a1, n1), min(b1, n2)
+            k = k.replace(
+                nngp=k.nngp[: a1 - a0, : b1 - b0],
+                ntk=None if k.ntk is None else k.ntk[: a1 - a0, : b1 - b0],
+                cov1=k.cov1[: a1 - a0],
+                cov2=None if k.cov2 is None else k.cov2[: b1 - b0],
+            )
         nngp, ntk, cov1, cov2 = out["nngp"], out["ntk"], out["cov1"], out["cov2"]
         full = k.is_full_spatial
         nngp[a0:a1, b0:b1] = k.nngp  # type: ignore[index]
