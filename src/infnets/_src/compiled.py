@@ -25,7 +25,8 @@ compiler). The first use of each shape pattern
 compiles (seconds; cached on disk by TorchInductor across processes). Any failure
 disables the path for the process with a warning, and the eager code runs with
 the same results. ``INFNETS_COMPILE=0`` disables it; ``INFNETS_COMPILE=1`` also
-allows it below the size threshold (tests).
+allows it below the size threshold, like ``jax.jit`` (for many calls on smaller
+problems: 128 8x8 images with pooling, 1.57 s eager, 0.74 s per call once compiled).
 """
 
 from __future__ import annotations
