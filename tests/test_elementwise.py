@@ -299,6 +299,31 @@ def _erf_dot(c, q1, q2, a=1.0, b=1.0):
     return 4 * a * a * b * b / math.pi / np.sqrt((1 + s * q1) * (1 + s * q2) - (s * c) ** 2)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e15])
+def test_erf_pair_maps_match_williams_small_and_huge_variances(scale):
+    """The fused Erf maps (which skip the clamp of ``z`` when the variances bound
+    ``|z|`` away from 1) against Williams' closed form, for moderate variances and
+    for variances so large that ``|z|`` rounds to 1 at correlation one (the clamp
+    must then act: no NaN)."""
+    gen = np.random.default_rng(5)
+    x = gen.standard_normal((6, 4)) * np.sqrt(scale)
+    x[3] = x[1]  # correlation exactly one
+    g = x @ x.T / 4
+    q = np.diag(g).copy()
+    erf = stax.Erf(a=1.3, b=0.7, c=0.2)
+    qt = torch.from_numpy(q)
+    f = erf.pair_factors(qt)[0]
+    new, dot = erf.pair_maps(torch.from_numpy(g), f[:, None], f[None, :], True, 1.5, 0.1)
+    assert torch.isfinite(new).all()
+    ref = 1.5 * (_erf_kernel(g, q[:, None], q[None, :], 1.3, 0.7) + 0.2**2) + 0.1
+    # near |z| = 1, asin turns a rounding error d of z into sqrt(2 d): 1e-15 -> 4.5e-8
+    atol = 1e-12 if scale == 1.0 else 1.5 * 2 * 1.3**2 / math.pi * math.sqrt(2 * 1e-15)
+    np.testing.assert_allclose(new.numpy(), ref, rtol=1e-12, atol=atol)
+    if scale == 1.0:
+        ref_dot = 1.5 * _erf_dot(g, q[:, None], q[None, :], 1.3, 0.7)
+        np.testing.assert_allclose(dot.numpy(), ref_dot, rtol=1e-10)
+
+
 def _closed_forms():
     sq2 = math.sqrt(2)
     # name -> (layer, nngp(c, q1, q2), dot(c, q1, q2))
