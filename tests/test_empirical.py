@@ -25,6 +25,16 @@ IMPLS = ("jacobian_contraction", "ntk_vector_products", "structured", "auto")
 DT = torch.float64
 
 
+def conv_variants() -> list[nn.Module]:
+    """Fresh convolutions covering strides, dilation, groups, padding modes, 1-3 dims."""
+    return [
+        nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2),
+        nn.Conv1d(4, 4, 2, groups=2, padding_mode="reflect", padding=1),
+        nn.Conv2d(2, 4, (3, 2), stride=(1, 2), padding=(1, 0), groups=2, bias=False),
+        nn.Conv3d(2, 3, 2, padding=1, padding_mode="replicate"),
+    ]
+
+
 # ----------------------------------------------------------------------------- reference
 def reference_jacobian(model: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """Full Jacobian ``(N * O, P)`` assembled row by row with ``torch.autograd.grad``."""
@@ -194,15 +204,7 @@ def test_symmetric_call_equals_explicit_x2() -> None:
         torch.testing.assert_close(fn(x1), fn(x1, x1), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "conv",
-    [
-        nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2),
-        nn.Conv1d(4, 4, 2, groups=2, padding_mode="reflect", padding=1),
-        nn.Conv2d(2, 4, (3, 2), stride=(1, 2), padding=(1, 0), groups=2, bias=False),
-        nn.Conv3d(2, 3, 2, padding=1, padding_mode="replicate"),
-    ],
-)
+@pytest.mark.parametrize("conv", conv_variants())
 def test_structured_convolution_variants(conv: nn.Module) -> None:
     torch.manual_seed(1)
     d = conv.weight.ndim - 2

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import infnets._src.empirical_ntk as E
 from infnets.empirical import empirical_ntk_fn
-from test_empirical import make_model, reference_ntk
+from test_empirical import conv_variants, make_model, reference_ntk
 
 DT = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-12}
@@ -100,15 +100,7 @@ def test_free_output_axes_are_not_chunked(force_chunks) -> None:
         torch.testing.assert_close(fn(x1, x2), reference_ntk(model, x1, x2, trace), **TOL)
 
 
-@pytest.mark.parametrize(
-    "conv",
-    [
-        nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2),
-        nn.Conv1d(4, 4, 2, groups=2, padding_mode="reflect", padding=1),
-        nn.Conv2d(2, 4, (3, 2), stride=(1, 2), padding=(1, 0), groups=2, bias=False),
-        nn.Conv3d(2, 3, 2, padding=1, padding_mode="replicate"),
-    ],
-)
+@pytest.mark.parametrize("conv", conv_variants())
 def test_chunked_convolution_variants(force_chunks, conv: nn.Module) -> None:
     force_chunks(2)
     torch.manual_seed(1)

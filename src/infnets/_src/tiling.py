@@ -509,7 +509,7 @@ def _padded(x: Tensor, side: int) -> Tensor | None:
     """
     n = x.shape[0]
     pad = -n % side
-    if pad == 0 or pad > PAD_FRACTION * n or pad > n:
+    if pad == 0 or pad > PAD_FRACTION * n:
         return None
     return torch.cat([x, x[:pad]])
 
@@ -529,19 +529,20 @@ def _tiled(
     symmetric = x2 is None
     xb = x1 if x2 is None else x2
     n1, n2 = x1.shape[0], xb.shape[0]
+
     # Every tile gets the same shape: a short last block of rows (columns) is filled
     # up with copies of the first examples, whose pairs are computed and dropped
     # (at most PAD_FRACTION more work). Tiles then share one shape per layout, so
     # compiled kernels (infnets._src.compiled) compile once, not again for the edge.
-    p1, p2 = _padded(x1, side), (None if symmetric else _padded(xb, side))
-    xs1 = x1 if p1 is None else p1
-    xsb = xs1 if symmetric else (xb if p2 is None else p2)
-    rows = [(a, a + side if p1 is not None else min(a + side, n1)) for a in range(0, n1, side)]
-    cols = (
-        rows
-        if symmetric
-        else [(b, b + side if p2 is not None else min(b + side, n2)) for b in range(0, n2, side)]
-    )
+    def blocks(x: Tensor) -> tuple[Tensor, list[tuple[int, int]]]:
+        """The (padded) examples and the bounds of their blocks."""
+        n, padded = x.shape[0], _padded(x, side)
+        if padded is None:
+            return x, [(a, min(a + side, n)) for a in range(0, n, side)]
+        return padded, [(a, a + side) for a in range(0, n, side)]
+
+    xs1, rows = blocks(x1)
+    xsb, cols = (xs1, rows) if symmetric else blocks(xb)
     tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not symmetric or i <= j]
     out: dict[str, Tensor | None] = {}
 
