@@ -240,6 +240,27 @@ def test_shared_and_tied_weights_fall_back_correctly() -> None:
     torch.testing.assert_close(k, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_repeated_module_is_left_intact(impl: str) -> None:
+    """A module that appears twice in the tree (``Sequential(lin, act, lin)``): evaluating
+    the model functionally must not leave replacement tensors in it (torch's
+    ``functional_call(tie_weights=True)`` swaps such a module twice and restores the wrong
+    one), so every later call, ``linearize`` included, still sees its parameters."""
+    torch.manual_seed(4)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 4, dtype=DT)
+    ref = reference_ntk(model, x, x)
+    f = empirical_ntk_fn(model, implementation=impl)
+    f.plan(x)
+    for _ in range(2):
+        torch.testing.assert_close(f(x), ref, rtol=1e-10, atol=1e-12)
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in model.parameters())
+    lin_model = linearize(model)
+    torch.testing.assert_close(lin_model(x), model(x), rtol=1e-12, atol=1e-12)
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
 def test_frozen_parameters_are_constants() -> None:
     model, x1, x2 = make_model("mlp")
     model[0].weight.requires_grad_(False)

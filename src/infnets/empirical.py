@@ -109,6 +109,14 @@ def empirical_ntk_fn(
       diagonal and all parameters are in ``nn.Linear`` layers, the output units are
       processed in chunks (one forward pass, one backward pass per chunk) so that only one
       chunk's cotangents are held: ``ntk_fn.plan(x1, x2).output_chunks`` tells how many.
+      When the model is a *chain* (an ``nn.Sequential``, possibly nested, of structured
+      layers holding every trainable parameter, elementwise activations, pooling, padding,
+      flattening, frozen normalization and dropout in eval mode), the cotangents come
+      from a backward pass written out layer by layer instead of ``vmap(jacrev)``: each
+      layer is contracted as soon as its cotangents exist, and a convolution read out
+      through global average pooling and a linear head needs one weight gradient per
+      example instead of one per example and output unit
+      (``ntk_fn.plan(x1, x2).chain`` tells; same kernel up to round-off).
     * ``'auto'`` (default): measures the forward FLOPs ``F`` of one example once per input
       shape and picks the cheapest by the estimates ``JC ~ (N1+N2) O 2F + 2 N1 N2 w P``,
       ``NTVP ~ N2 O (2F + 2 N1 F)``, ``structured ~`` JC with each structured layer's term

@@ -47,6 +47,36 @@ def path_name(path: tuple[Any, ...]) -> str:
     return ".".join(_key_name(e) for e in path) or "param"
 
 
+def tensor_slots(module: nn.Module) -> dict[str, str]:
+    """Every place a parameter or buffer is stored, mapped to its canonical name.
+
+    ``functional_call`` must be given each *distinct* ``(module, attribute)`` slot once: a
+    module that appears twice in the tree (``nn.Sequential(lin, act, lin)``) would be swapped
+    twice by ``tie_weights=True``, and the second swap's "original" is the replacement, which
+    then stays in the user's model (torch 2.x). Modules are therefore visited once
+    (``named_modules`` removes duplicates), while a tensor shared by two different modules
+    (tied weights) gets one slot per module, both bound to the value of its canonical name
+    (the one ``named_parameters``/``named_buffers`` report).
+    """
+    canonical = {id(t): n for n, t in module.named_parameters()}
+    canonical.update({id(t): n for n, t in module.named_buffers()})
+    slots: dict[str, str] = {}
+    for prefix, m in module.named_modules():
+        stored = list(m._parameters.items()) + list(m._buffers.items())
+        for attr, t in stored:
+            if t is not None and id(t) in canonical:
+                slots[f"{prefix}.{attr}" if prefix else attr] = canonical[id(t)]
+    return slots
+
+
+def call_with(
+    module: nn.Module, slots: dict[str, str], tensors: dict[str, Tensor], x: Tensor
+) -> Tensor:
+    """``module(x)`` with every slot of :func:`tensor_slots` replaced by ``tensors[name]``."""
+    bound = {path: tensors[name] for path, name in slots.items()}
+    return functional_call(module, bound, (x,), tie_weights=False)
+
+
 def wrap_model_error(who: str, err: Exception) -> RuntimeError:
     """A clear error for a model that torch.func cannot evaluate (chained to ``err``)."""
     return RuntimeError(
@@ -68,12 +98,15 @@ class Bound:
         values: ``name -> tensor`` trainable parameters (detached).
         call: ``call(values, x) -> f(x)`` evaluating the model at ``values``.
         unflatten: ``values -> params`` in the caller's layout (pytree or dict).
+        const: for modules, ``name -> tensor`` of the frozen parameters and buffers that
+            ``call`` holds fixed (after ``params`` overrides); empty for functions.
     """
 
     names: tuple[str, ...]
     values: dict[str, Tensor]
     call: Callable[[dict[str, Tensor], Tensor], Tensor]
     unflatten: Callable[[dict[str, Tensor]], Params]
+    const: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def n_params(self) -> int:
@@ -122,6 +155,8 @@ class Model:
         if isinstance(model, nn.Module):
             self.module: nn.Module | None = model
             self.fn: Callable[..., Tensor] | None = None
+            # layers such as nn.ReLU(inplace=True) may overwrite the input they are given
+            self.in_place = any(getattr(m, "inplace", False) is True for m in model.modules())
             trainable = [n for n, p in model.named_parameters() if p.requires_grad]
             if not trainable:
                 raise ValueError(
@@ -132,6 +167,7 @@ class Model:
         elif callable(model):
             self.module = None
             self.fn = model
+            self.in_place = False
         else:
             raise TypeError(
                 f"{who}: model must be a torch.nn.Module or a function f(params, x), got "
@@ -182,10 +218,15 @@ class Model:
         }
         const.update({n: b.detach() for n, b in module.named_buffers()})
 
-        def call(vals: dict[str, Tensor], x: Tensor) -> Tensor:
-            return functional_call(module, (vals, const), (x,))
+        in_place = self.in_place
+        slots = tensor_slots(module)
 
-        return Bound(names, values, call, lambda vals: dict(vals))
+        def call(vals: dict[str, Tensor], x: Tensor) -> Tensor:
+            # a copy for in-place layers: the caller's inputs stay intact (and torch.func
+            # refuses in-place writes to tensors captured from outside a transform)
+            return call_with(module, slots, {**const, **vals}, x.clone() if in_place else x)
+
+        return Bound(names, values, call, lambda vals: dict(vals), const)
 
     def _bind_function(self, params: Params | None) -> Bound:
         fn = self.fn

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from infnets._src import inputs as _inputs
 from infnets._src.empirical_axes import OutputAxes, check_axes_arg, make_axes
+from infnets._src.empirical_chain import ChainSide, Factored, NotAChain, Step, chain_of
 from infnets._src.empirical_model import Bound, LayerRule, LayerTap, Model, wrap_model_error
 
 IMPLEMENTATIONS = ("auto", "jacobian_contraction", "ntk_vector_products", "structured")
@@ -69,6 +70,9 @@ OUTPUT_CHUNK_BYTES = 2**23
 #: ... but never below this many rows (examples x output units) per backward pass, where
 #: dense matrix products lose efficiency
 OUTPUT_CHUNK_MIN_ROWS = 192
+#: structured path: use the hand-written backward pass of :mod:`empirical_chain` for models
+#: that are chains of per-example layers (``False``: always ``vmap(jacrev)``)
+CHAIN = True
 
 
 # ---------------------------------------------------------------------------------- probing
@@ -337,6 +341,55 @@ def _gram(u1: Tensor, g1: Tensor, u2: Tensor, g2: Tensor, ax: OutputAxes) -> Ten
     return torch.einsum(f"{ax.out}pqg,{nm}pqg->{ax.out}", kg, kx)
 
 
+def _factored_terms(ls: LayerShape, inp: Tensor, fac: Factored) -> tuple[Tensor, Tensor]:
+    """``(A (n, K, D), s (n, K))``: the weight gradient ``A_i = sum_p h_i[:, p] u_{i,p}^T`` of
+    the example factor of a :class:`Factored` convolution cotangent, and ``h_i`` summed over
+    positions (the bias gradient); ``K`` output channels, ``D`` weights per channel."""
+    n, k = fac.n, ls.G * ls.d_out
+    h = fac.h if fac.h is not None else fac.e.new_ones(())
+    h = h.expand((n,) + fac.shape)
+    a = _conv_weight_jacobian(ls, inp, h.reshape((n, 1) + ls.delta_shape), (1,))
+    return a.reshape(n, k, -1), h.reshape(n, k, -1).sum(-1)
+
+
+def _contract_factored(
+    side1: tuple[LayerShape, Tensor, Factored],
+    side2: tuple[LayerShape, Tensor, Factored],
+    f1: Features,
+    f2: Features,
+    ax: OutputAxes,
+    same: bool,
+) -> dict[str, Tensor]:
+    """Weight and bias blocks of a convolution whose cotangents are :class:`Factored`.
+
+    With ``g[i, u, k, p] = e[u, k] h_i[k, p]`` the weight Jacobian of unit ``u`` is
+    ``e[u, k] A_i[k]`` (:func:`_factored_terms`), so
+
+        K[i, u, j, u'] = sum_k e[u, k] e[u', k] <A_i[k], A_j[k]>
+
+    (and the same with the position sums of ``h`` for the bias): a per-channel Gram matrix
+    of the examples, then one contraction with the unit factors.
+    """
+    (ls, in1, r1), (ls2, in2, r2) = side1, side2
+    rule = ls.rule
+    k = ls.G * ls.d_out
+    a1, s1 = _factored_terms(ls, in1, r1)
+    a2, s2 = (a1, s1) if same else _factored_terms(ls2, in2, r2)
+    e1 = r1.e.reshape(f1.out_shape + (k,))
+    e2 = r2.e.reshape(f2.out_shape + (k,))
+    i, j = ax.a1[0], ax.a2[0]
+    pair = i if ax.batch_diag else i + j
+    mix = f"{pair}k,{ax.a1[1:]}k,{ax.a2[1:]}k->{ax.out}"
+    out = {}
+    if rule.weight is not None:
+        kk = torch.einsum(f"{i}kd,{j}kd->{pair}k", a1, a2)
+        out[rule.weight] = torch.einsum(mix, kk, e1, e2)
+    if rule.bias is not None:
+        kk = torch.einsum(f"{i}k,{j}k->{pair}k", s1, s2)
+        out[rule.bias] = torch.einsum(mix, kk, e1, e2)
+    return out
+
+
 def layer_costs(
     ls: LayerShape, p1: int, p2: int, rows1: int, rows2: int, b: int, ax: OutputAxes
 ) -> tuple[float, float]:
@@ -361,6 +414,9 @@ def contract(f1: Features, f2: Features, ax: OutputAxes, same: bool) -> dict[str
     for name, (ls, in1, r1) in f1.layers.items():
         ls2, in2, r2 = f2.layers[name]
         rule = ls.rule
+        if isinstance(r1, Factored):
+            out.update(_contract_factored((ls, in1, r1), (ls2, in2, r2), f1, f2, ax, same))
+            continue
         g1 = _cotangents(ls, r1, f1.out_shape)
         g2 = g1 if same else _cotangents(ls2, r2, f2.out_shape)
         if ls.P == ls2.P == 1 and ls.G == 1:
@@ -506,7 +562,11 @@ class CotangentChunks:
 
 
 def contract_chunked(
-    s1: CotangentChunks, s2: CotangentChunks, ax: OutputAxes, same: bool, n_chunks: int
+    s1: CotangentChunks | ChainCotangents,
+    s2: CotangentChunks | ChainCotangents,
+    ax: OutputAxes,
+    same: bool,
+    n_chunks: int,
 ) -> dict[str, Tensor]:
     """Per-parameter kernel blocks, contracting ``n_chunks`` chunks of output units in turn.
 
@@ -538,6 +598,56 @@ def contract_chunked(
         for name, v in out.items():
             full = v.reshape(v.shape[:-1] + s1.out_shape)
             out[name] = torch.einsum(f"{letters}->{ax.out}", full)
+    return out
+
+
+# ------------------------------------------------------------------------------- chains
+class ChainCotangents:
+    """:class:`CotangentChunks`' interface for a chain of per-example layers.
+
+    The forward pass runs once (:class:`~infnets._src.empirical_chain.ChainSide`); each
+    :meth:`chunk` or :meth:`stream` runs the hand-written backward pass.
+    """
+
+    def __init__(
+        self, steps: list[Step], probe_: Probe, layers: dict[str, LayerShape], x: Tensor, who: str
+    ) -> None:
+        self.side = ChainSide(steps, x, probe_.out_shape)
+        self.layers = layers
+        self.who = who
+        self.n = x.shape[0]
+        self.out_shape = probe_.out_shape
+        self.out_size = math.prod(probe_.out_shape)
+
+    def _entry(self, name: str, g: Tensor | Factored, out_shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+        ls = self.layers[name]
+        if isinstance(g, Factored):
+            return ls, self.side.inputs(name), g
+        return ls, self.side.inputs(name), g.reshape((self.n,) + out_shape + ls.delta_shape)
+
+    def chunk(self, start: int, stop: int) -> Features:
+        """All layers' features for output units ``[start, stop)``, as ``out_shape (c,)``."""
+        c = (stop - start,)
+        layers = {name: self._entry(name, g, c) for name, g in self.side.backward(start, stop)}
+        return Features({}, layers, self.n, c)
+
+    def stream(self) -> Iterator[Features]:
+        """One structured layer's features at a time (all output units), last layer first."""
+        for name, g in self.side.backward():
+            yield Features({}, {name: self._entry(name, g, self.out_shape)}, self.n, self.out_shape)
+
+
+def contract_stream(
+    s1: ChainCotangents, s2: ChainCotangents, ax: OutputAxes, same: bool
+) -> dict[str, Tensor]:
+    """Per-parameter kernel blocks, contracting each layer as the backward pass reaches it
+    (both sides in lockstep), so that one layer's cotangents are alive at a time."""
+    out: dict[str, Tensor] = {}
+    other = None if same else s2.stream()
+    for f1 in s1.stream():
+        f2 = f1 if other is None else next(other)
+        out.update(contract(f1, f2, ax, same))
+        del f1, f2
     return out
 
 
@@ -652,12 +762,17 @@ class Plan:
     """The implementation chosen for one call and the FLOP estimates behind the choice.
 
     ``output_chunks`` is the number of chunks of output units the structured path makes
-    per kernel block (1: all units at once; see :func:`output_chunks`).
+    per kernel block (1: all units at once; see :func:`output_chunks`). ``chain`` tells
+    whether the structured path runs the hand-written backward pass of a chain of
+    per-example layers (:mod:`infnets._src.empirical_chain`) instead of ``vmap(jacrev)``
+    (decided from the module tree; should the forward pass find a reshape across the batch
+    axis, the call uses ``vmap(jacrev)`` after all).
     """
 
     implementation: str
     costs: dict[str, float]
     output_chunks: int = 1
+    chain: bool = False
 
 
 def check_inputs(x1: Any, x2: Any, who: str) -> tuple[Tensor, Tensor | None]:
@@ -815,7 +930,39 @@ class EmpiricalNTK(EmpiricalKernelFn):
                 x2 is None and b1 == n1,
                 ax,
             )
-        return Plan(impl, costs, chunks)
+        return Plan(impl, costs, chunks, self._chain(bound, p1, p2, impl) is not None)
+
+    def _chain_parts(
+        self,
+        steps: list[Step],
+        plan: Plan,
+        p1: Probe,
+        p2: Probe,
+        x1: Tensor,
+        x2: Tensor | None,
+        ax: OutputAxes,
+    ) -> dict[str, Tensor] | None:
+        """Per-parameter blocks by the chain's backward pass (``None``: not a chain after all)."""
+        names = set(p1.layers) & set(p2.layers)
+
+        def side(x: Tensor) -> ChainCotangents:
+            pr = p1 if x.shape[1:] == x1.shape[1:] else p2
+            return ChainCotangents(steps, pr, {k: pr.layers[k] for k in names}, x, self.who)
+
+        def pair(a: Any, b: Any, same: bool) -> dict[str, Tensor]:
+            if plan.output_chunks > 1:
+                return contract_chunked(a, b, ax, same, plan.output_chunks)
+            return contract_stream(a, b, ax, same)
+
+        try:
+            return blocked(side, pair, x1, x2, self.chunk_size, ax)
+        except NotAChain:  # a layer reshapes across the batch axis
+            return None
+
+    def _chain(self, bound: Bound, p1: Probe, p2: Probe, impl: str) -> list[Step] | None:
+        if impl != "structured" or not CHAIN:
+            return None
+        return chain_of(self.model.module, bound, set(p1.layers) & set(p2.layers))
 
     def __call__(
         self, x1: Any, x2: Any = None, params: Any = None, per_layer: bool | str = False
@@ -823,8 +970,12 @@ class EmpiricalNTK(EmpiricalKernelFn):
         x1, x2, bound, p1, p2, ax = self._setup(x1, x2, params)
         plan = self._plan(bound, p1, p2, x1, x2, ax)
         impl = plan.implementation
+        steps = self._chain(bound, p1, p2, impl) if plan.chain else None
         with torch.no_grad():
-            if plan.output_chunks > 1:
+            parts = None if steps is None else self._chain_parts(steps, plan, p1, p2, x1, x2, ax)
+            if parts is not None:
+                pass  # the chain's hand-written backward pass gave the kernel
+            elif plan.output_chunks > 1:
                 names = set(p1.layers) & set(p2.layers)
 
                 def source(x: Tensor) -> CotangentChunks:

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
-from infnets._src.empirical_model import Bound, Model
+from infnets._src.empirical_model import Bound, Model, call_with, tensor_slots
 
 
 def _tree_module(values: dict[str, Tensor], as_parameters: bool) -> nn.Module:
@@ -105,6 +105,7 @@ class TaylorModel(nn.Module):
         self._const_names = tuple(consts)
         self.constants = _tree_module(consts, as_parameters=False)
         self._call = bound.call
+        self._slots = tensor_slots(model.module) if model.module is not None else {}
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "_module":  # keep the original module out of this module's tree
@@ -116,7 +117,7 @@ class TaylorModel(nn.Module):
         if self._module is None:
             return self._call(values, x)
         const = _read(self.constants, self._const_names)
-        return functional_call(self._module, (values, const), (x,))
+        return call_with(self._module, self._slots, {**const, **values}, x)
 
     @property
     def current_params(self) -> Any:
