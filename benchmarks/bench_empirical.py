@@ -10,7 +10,8 @@ Problems (issue "Finite width"), the NTK traced over the 10 logits, ``x2 = None`
 Methods, each in a fresh subprocess (so peak memory is its own):
 
 * ``infnets``: ``infnets.empirical.empirical_ntk_fn(model)`` (``'auto'``, which picks the
-  structured-derivatives algorithm here; the choice is printed, with the number of chunks
+  structured-derivatives algorithm here; the choice is printed, with ``chain`` when the
+  hand-written backward pass of ``nn.Sequential`` chains is used and the number of chunks
   of output units when the cotangents are made chunk by chunk);
 * ``torch.func JC`` / ``torch.func NTVP``: the Jacobian-contraction and NTK-vector-product
   recipes of the PyTorch tutorial "Neural Tangent Kernels" (written out below), in their
@@ -155,7 +156,8 @@ def run_method(method: str, model, x):  # type: ignore[no-untyped-def]
         ntk_fn = empirical_ntk_fn(model)
         plan = ntk_fn.plan(x)
         chunks = getattr(plan, "output_chunks", 1)
-        note = plan.implementation + (f", {chunks} output chunks" if chunks > 1 else "")
+        note = plan.implementation + (", chain" if getattr(plan, "chain", False) else "")
+        note += f", {chunks} output chunks" if chunks > 1 else ""
         return lambda: ntk_fn(x), note
     chunk = int(os.environ.get("BENCH_CHUNK", "0")) or None
     fn = recipe_jacobian_contraction if method == "torch.func JC" else recipe_ntk_vector_products
