@@ -61,6 +61,17 @@ def chain_models() -> dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]]:
         )
         return m, torch.randn(3, 2, 6, 6), torch.randn(2, 2, 6, 6)
 
+    def gap1d() -> tuple[nn.Module, Tensor, Tensor]:  # no activation after the last conv
+        m = nn.Sequential(
+            nn.Conv1d(2, 3, 3),
+            nn.Sigmoid(),
+            nn.Conv1d(3, 4, 2, dilation=2),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+            nn.Linear(4, 2),
+        )
+        return m, torch.randn(3, 2, 9), torch.randn(2, 2, 7)
+
     def pools() -> tuple[nn.Module, Tensor, Tensor]:  # frozen BN, padding layers, max pool
         m = nn.Sequential(
             nn.ReflectionPad2d(1),
@@ -83,7 +94,7 @@ def chain_models() -> dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]]:
         m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), frozen, nn.Hardswish(), nn.Linear(5, 3))
         return m, torch.randn(3, 2, 4), torch.randn(2, 2, 4)
 
-    return {"dense": dense, "gap": gap, "pools": pools, "seq": seq}
+    return {"dense": dense, "gap": gap, "gap1d": gap1d, "pools": pools, "seq": seq}
 
 
 def _build(name: str) -> tuple[nn.Module, Tensor, Tensor]:
@@ -130,11 +141,12 @@ def test_chain_convolution_variants(monkeypatch, conv: nn.Module) -> None:
     torch.testing.assert_close(k, _general(monkeypatch, lambda: f(x1, x2)), **TOL)
 
 
+@pytest.mark.parametrize("name", ["gap", "gap1d"])
 @pytest.mark.parametrize("trace,diag", AXES)
-def test_factored_readout(monkeypatch, trace, diag) -> None:
+def test_factored_readout(monkeypatch, name, trace, diag) -> None:
     """Convolutions read out through global pooling and a Linear head take the factored
     contraction (one weight gradient per example) and still match the references."""
-    model, x1, x2 = _build("gap")
+    model, x1, x2 = _build(name)
     if 0 in diag:
         x2 = x1.flip(0)
     calls = []
