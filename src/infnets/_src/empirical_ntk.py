@@ -29,6 +29,13 @@ Notation: ``N1, N2`` examples, ``O`` output units per example, ``P`` trainable s
 ``'auto'`` evaluates the three cost formulas for the actual shapes and picks the cheapest
 (ties go to ``'structured'``, which equals JC when a model has no structured layers).
 
+*Chains* (structured, speed and memory): when the module is an ``nn.Sequential`` of
+per-example layers, :mod:`infnets._src.empirical_chain` makes the same cotangents with a
+backward pass written out layer by layer (:class:`ChainCotangents`); :func:`contract_stream`
+contracts each layer as soon as its cotangents exist, and a convolution behind global
+average pooling and a linear head is contracted in factored form
+(:func:`_contract_factored`).
+
 *Output chunks* (structured, memory): the cotangents ``g`` of every structured layer for all
 ``O`` output units are ``N O sum_l |y_l|`` numbers (30 MiB for an MLP 3 x 2048 with N = 64,
 O = 10 in float64), and the backward pass that makes them holds a few more of that size.
@@ -158,7 +165,8 @@ class Features:
         jac: ``name -> (n, *S, D)`` flattened Jacobians of fallback parameters.
         layers: ``layer -> (shape, u, g)``: the layer's :class:`LayerShape`, its per-example
             inputs ``u (n, *in_shape)`` and output cotangents ``g (n, *S, *out_shape)``, as
-            the forward pass saw them (reshaped only when contracted, one layer at a time).
+            the forward pass saw them (reshaped only when contracted, one layer at a time),
+            or a :class:`~infnets._src.empirical_chain.Factored` ``g`` (chains only).
         n: number of examples.
         out_size: ``prod(S)``.
     """
