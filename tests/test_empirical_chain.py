@@ -197,6 +197,24 @@ def test_chain_blocks_output_chunks_and_per_layer(monkeypatch) -> None:
         torch.testing.assert_close(sum(parts.values()), ref, **TOL)
 
 
+def test_chain_output_chunk_policy(monkeypatch) -> None:
+    """Chains split the output units when one layer's cotangents exceed the budget (only
+    where every output axis is traced or diagonal), and the chunked kernel is unchanged."""
+    model, x1, x2 = _build("gap")
+    f = empirical_ntk_fn(model, implementation="structured")
+    assert f.plan(x1, x2).output_chunks == 1
+    # largest layer output 4 x 6 x 6 doubles per example and unit, both sides: 3 + 2 examples
+    per_unit = 2 * (3 + 2) * 4 * 36 * 8
+    monkeypatch.setattr(E, "CHAIN_CHUNK_BYTES", per_unit)
+    assert f.plan(x1, x2).output_chunks == 3  # one unit per chunk
+    monkeypatch.setattr(E, "CHAIN_CHUNK_BYTES", 2 * per_unit)
+    assert f.plan(x1, x2).output_chunks == 2
+    torch.testing.assert_close(f(x1, x2), reference_ntk(model, x1, x2), **TOL)
+    free = empirical_ntk_fn(model, trace_axes=(), implementation="structured")
+    assert free.plan(x1, x2).output_chunks == 1
+    torch.testing.assert_close(free(x1, x2), reference_ntk(model, x1, x2, ()), **TOL)
+
+
 def test_chain_mixed_input_shapes() -> None:
     """x1 and x2 of different image sizes (global pooling accepts both)."""
     model, x1, _ = _build("gap")

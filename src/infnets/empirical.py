@@ -116,7 +116,9 @@ def empirical_ntk_fn(
       layer is contracted as soon as its cotangents exist, and a convolution read out
       through global average pooling and a linear head needs one weight gradient per
       example instead of one per example and output unit
-      (``ntk_fn.plan(x1, x2).chain`` tells; same kernel up to round-off).
+      (``ntk_fn.plan(x1, x2).chain`` tells; same kernel up to round-off). Chains also
+      split the output units into chunks when one layer's cotangents would exceed 1 GiB
+      (e.g. 1000 logits), at no extra cost in products.
     * ``'auto'`` (default): measures the forward FLOPs ``F`` of one example once per input
       shape and picks the cheapest by the estimates ``JC ~ (N1+N2) O 2F + 2 N1 N2 w P``,
       ``NTVP ~ N2 O (2F + 2 N1 F)``, ``structured ~`` JC with each structured layer's term

@@ -80,6 +80,9 @@ OUTPUT_CHUNK_MIN_ROWS = 192
 #: structured path: use the hand-written backward pass of :mod:`empirical_chain` for models
 #: that are chains of per-example layers (``False``: always ``vmap(jacrev)``)
 CHAIN = True
+#: chains: bytes of cotangents one layer of the backward pass may hold (see
+#: :func:`chain_output_chunks`)
+CHAIN_CHUNK_BYTES = 2**30
 
 
 # ---------------------------------------------------------------------------------- probing
@@ -508,6 +511,42 @@ def output_chunks(
     return max(1, min(wanted, out_size // smallest))
 
 
+def chain_output_chunks(
+    layers1: dict[str, LayerShape],
+    layers2: dict[str, LayerShape],
+    n1: int,
+    n2: int,
+    out_size: int,
+    same: bool,
+    ax: OutputAxes,
+) -> int:
+    """Number of output-unit chunks for a chain's backward pass (1: none).
+
+    The backward pass of a chain holds the cotangents of one layer and of the layer being
+    made from them, on both sides in lockstep: about ``2 (n1 + n2) O |y_l|`` numbers for the
+    largest layer output ``y_l``. Chunks keep that under :data:`CHAIN_CHUNK_BYTES` (e.g. a
+    CNN with 1000 logits); they cost no extra products, the backward pass being linear in
+    the units (only Gram-form layers redo their patch products per chunk). Valid only when
+    every output axis is traced or diagonal.
+
+    Args:
+        layers1, layers2: the structured layers as seen on each side.
+        n1, n2: examples per block on each side.
+        out_size: output units per example ``O``.
+        same: whether both sides are the same block.
+        ax: the block's output axes.
+    """
+    if out_size <= 1 or ax.work_pairs != out_size or not layers1:
+        return 1
+    per_unit = max(
+        (n1 * math.prod(ls.delta_shape) + (0 if same else n2 * math.prod(layers2[k].delta_shape)))
+        * ls.dtype.itemsize
+        for k, ls in layers1.items()
+    )
+    wanted = -(-2 * out_size * per_unit // CHAIN_CHUNK_BYTES)  # ceil
+    return max(1, min(out_size, wanted))
+
+
 class CotangentChunks:
     """Inputs and output cotangents of the structured layers of one batch, unit chunk by chunk.
 
@@ -590,17 +629,16 @@ def contract_chunked(
     out: dict[str, Tensor] = {}
     for start, stop in zip(edges, edges[1:]):
         sub = make_axes((n1, stop - start), (n2, stop - start), trace, diag, s1.who)
-        f1 = s1.chunk(start, stop)
-        f2 = f1 if same else s2.chunk(start, stop)
-        part = contract(f1, f2, sub, same)
-        del f1, f2
-        for name, v in part.items():
-            if keep:
-                if name not in out:
-                    out[name] = v.new_zeros(v.shape[:-1] + (o,))
-                out[name][..., start:stop] += v
-            else:
-                out[name] = out[name] + v if name in out else v
+        for f1, f2 in _chunk_pairs(s1, s2, start, stop, same):
+            part = contract(f1, f2, sub, same)
+            del f1, f2
+            for name, v in part.items():
+                if keep:
+                    if name not in out:
+                        out[name] = v.new_zeros(v.shape[:-1] + (o,))
+                    out[name][..., start:stop] += v
+                else:
+                    out[name] = out[name] + v if name in out else v
     if keep:
         letters = ax.pair_letters + ax.a1[1:]
         for name, v in out.items():
@@ -609,12 +647,30 @@ def contract_chunked(
     return out
 
 
+def _chunk_pairs(
+    s1: CotangentChunks | ChainCotangents,
+    s2: CotangentChunks | ChainCotangents,
+    start: int,
+    stop: int,
+    same: bool,
+) -> Iterator[tuple[Features, Features]]:
+    """The features of output units ``[start, stop)`` on both sides: all layers at once, or
+    for chains one layer at a time (both backward passes in lockstep)."""
+    if isinstance(s1, ChainCotangents) and isinstance(s2, ChainCotangents):
+        other = None if same else s2.stream(start, stop)
+        for f1 in s1.stream(start, stop):
+            yield f1, f1 if other is None else next(other)
+        return
+    f1 = s1.chunk(start, stop)
+    yield f1, f1 if same else s2.chunk(start, stop)
+
+
 # ------------------------------------------------------------------------------- chains
 class ChainCotangents:
     """:class:`CotangentChunks`' interface for a chain of per-example layers.
 
     The forward pass runs once (:class:`~infnets._src.empirical_chain.ChainSide`); each
-    :meth:`chunk` or :meth:`stream` runs the hand-written backward pass.
+    :meth:`stream` runs the hand-written backward pass (for all output units or a chunk).
     """
 
     def __init__(
@@ -633,16 +689,13 @@ class ChainCotangents:
             return ls, self.side.inputs(name), g
         return ls, self.side.inputs(name), g.reshape((self.n,) + out_shape + ls.delta_shape)
 
-    def chunk(self, start: int, stop: int) -> Features:
-        """All layers' features for output units ``[start, stop)``, as ``out_shape (c,)``."""
-        c = (stop - start,)
-        layers = {name: self._entry(name, g, c) for name, g in self.side.backward(start, stop)}
-        return Features({}, layers, self.n, c)
-
-    def stream(self) -> Iterator[Features]:
-        """One structured layer's features at a time (all output units), last layer first."""
-        for name, g in self.side.backward():
-            yield Features({}, {name: self._entry(name, g, self.out_shape)}, self.n, self.out_shape)
+    def stream(self, start: int = 0, stop: int | None = None) -> Iterator[Features]:
+        """One structured layer's features at a time, last layer first: all output units
+        (``out_shape`` as the model's), or units ``[start, stop)`` (``out_shape (c,)``)."""
+        whole = start == 0 and stop in (None, self.out_size)
+        shape = self.out_shape if whole else (stop - start,)  # type: ignore[operator]
+        for name, g in self.side.backward(start, stop):
+            yield Features({}, {name: self._entry(name, g, shape)}, self.n, shape)
 
 
 def contract_stream(
@@ -938,7 +991,20 @@ class EmpiricalNTK(EmpiricalKernelFn):
                 x2 is None and b1 == n1,
                 ax,
             )
-        return Plan(impl, costs, chunks, self._chain(bound, p1, p2, impl) is not None)
+        chain = self._chain(bound, p1, p2, impl) is not None
+        if chain and chunks == 1:
+            b1 = n1 if self.chunk_size is None else min(n1, self.chunk_size)
+            b2 = n2 if self.chunk_size is None else min(n2, self.chunk_size)
+            chunks = chain_output_chunks(
+                {k: p1.layers[k] for k in names},
+                {k: p2.layers[k] for k in names},
+                b1,
+                b2,
+                math.prod(p1.out_shape),
+                x2 is None and b1 == n1,
+                ax,
+            )
+        return Plan(impl, costs, chunks, chain)
 
     def _chain_parts(
         self,
