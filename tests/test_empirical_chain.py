@@ -166,7 +166,7 @@ def test_factored_readout(monkeypatch, name, trace, diag) -> None:
 def test_factored_readout_in_output_chunks(monkeypatch, trace, diag) -> None:
     """Unit chunks give each chunk its rows of the unit factor."""
     model, x1, x2 = _build("gap")
-    monkeypatch.setattr(E, "output_chunks", lambda *a: 2)
+    monkeypatch.setattr(E, "output_chunks", lambda *a, **kw: 2)
     f = empirical_ntk_fn(model, trace, diag, implementation="structured")
     parts = f(x1, x2, per_layer=True)
     ref = reference_ntk(model, x1, x2, trace, diag)
@@ -187,7 +187,7 @@ def test_chain_blocks_output_chunks_and_per_layer(monkeypatch) -> None:
     )
     for k_chunks in (1, 4):
         with monkeypatch.context() as mp:
-            mp.setattr(E, "output_chunks", lambda *a, k=k_chunks: k)
+            mp.setattr(E, "output_chunks", lambda *a, k=k_chunks, **kw: k)
             f = empirical_ntk_fn(model, *axes, implementation="structured", chunk_size=2)
             assert f.plan(x1, x2).output_chunks == k_chunks
             parts = f(x1, x2, per_layer=True)

@@ -48,7 +48,7 @@ def force_chunks(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-de
     """
 
     def apply(k: int) -> None:
-        def chunks(layers1, layers2, n1, n2, out_size, same, ax):  # type: ignore[no-untyped-def]
+        def chunks(layers1, layers2, n1, n2, out_size, same, ax, chain=False):  # type: ignore[no-untyped-def]
             if out_size <= 1 or ax.work_pairs != out_size:
                 return 1
             return min(k, out_size)

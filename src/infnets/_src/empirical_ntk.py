@@ -81,7 +81,7 @@ OUTPUT_CHUNK_MIN_ROWS = 192
 #: that are chains of per-example layers (``False``: always ``vmap(jacrev)``)
 CHAIN = True
 #: chains: bytes of cotangents one layer of the backward pass may hold (see
-#: :func:`chain_output_chunks`)
+#: :func:`output_chunks`)
 CHAIN_CHUNK_BYTES = 2**30
 
 
@@ -472,10 +472,18 @@ def output_chunks(
     out_size: int,
     same: bool,
     ax: OutputAxes,
+    chain: bool = False,
 ) -> int:
     """Number of output-unit chunks for one kernel block of the structured path (1: none).
 
-    Chunks are used only where they cost little: every output axis traced or diagonal (the
+    Chains (``chain=True``): the backward pass of a chain holds the cotangents of one layer
+    and of the layer being made from them, on both sides in lockstep, about
+    ``2 (n1 + n2) O |y_l|`` numbers for the largest layer output ``y_l``; chunks keep that
+    under :data:`CHAIN_CHUNK_BYTES` (e.g. a CNN with 1000 logits). They cost no extra
+    products, the backward pass being linear in the units (only Gram-form layers redo their
+    patch products per chunk).
+
+    Otherwise chunks are used only where they cost little: every output axis traced or diagonal (the
     kernel is a sum or a stack of per-unit terms), every layer dense-like (``nn.Linear`` on
     one position, or on several through its materialized weight Jacobian; convolutions and
     Gram-form layers would redo their patch products per chunk), cotangents of more than
@@ -489,9 +497,20 @@ def output_chunks(
         out_size: output units per example ``O``.
         same: whether both sides are the same block (its cotangents are made once).
         ax: the block's output axes.
+        chain: whether the chain policy applies.
     """
     if out_size <= 1 or ax.work_pairs != out_size or not layers1:
         return 1
+    if chain:
+        per_layer = max(
+            (
+                n1 * math.prod(ls.delta_shape)
+                + (0 if same else n2 * math.prod(layers2[k].delta_shape))
+            )
+            * ls.dtype.itemsize
+            for k, ls in layers1.items()
+        )
+        return max(1, min(out_size, -(-2 * out_size * per_layer // CHAIN_CHUNK_BYTES)))
     b = n1 if ax.batch_diag else n1 * n2
     per_unit = 0
     for name, ls in layers1.items():
@@ -509,42 +528,6 @@ def output_chunks(
     wanted = -(-out_size * per_unit // OUTPUT_CHUNK_BYTES)  # ceil
     smallest = -(-OUTPUT_CHUNK_MIN_ROWS // max(n1, n2))  # units per chunk, at least
     return max(1, min(wanted, out_size // smallest))
-
-
-def chain_output_chunks(
-    layers1: dict[str, LayerShape],
-    layers2: dict[str, LayerShape],
-    n1: int,
-    n2: int,
-    out_size: int,
-    same: bool,
-    ax: OutputAxes,
-) -> int:
-    """Number of output-unit chunks for a chain's backward pass (1: none).
-
-    The backward pass of a chain holds the cotangents of one layer and of the layer being
-    made from them, on both sides in lockstep: about ``2 (n1 + n2) O |y_l|`` numbers for the
-    largest layer output ``y_l``. Chunks keep that under :data:`CHAIN_CHUNK_BYTES` (e.g. a
-    CNN with 1000 logits); they cost no extra products, the backward pass being linear in
-    the units (only Gram-form layers redo their patch products per chunk). Valid only when
-    every output axis is traced or diagonal.
-
-    Args:
-        layers1, layers2: the structured layers as seen on each side.
-        n1, n2: examples per block on each side.
-        out_size: output units per example ``O``.
-        same: whether both sides are the same block.
-        ax: the block's output axes.
-    """
-    if out_size <= 1 or ax.work_pairs != out_size or not layers1:
-        return 1
-    per_unit = max(
-        (n1 * math.prod(ls.delta_shape) + (0 if same else n2 * math.prod(layers2[k].delta_shape)))
-        * ls.dtype.itemsize
-        for k, ls in layers1.items()
-    )
-    wanted = -(-2 * out_size * per_unit // CHAIN_CHUNK_BYTES)  # ceil
-    return max(1, min(out_size, wanted))
 
 
 class CotangentChunks:
@@ -976,34 +959,25 @@ class EmpiricalNTK(EmpiricalKernelFn):
         if impl == "auto":
             order = ("structured", "jacobian_contraction", "ntk_vector_products")
             impl = min(order, key=lambda k: (costs[k], order.index(k)))
-        chunks = 1
         names = set(p1.layers) & set(p2.layers)
         covered = {p for k in names for p in p1.layers[k].rule.param_names}
-        if impl == "structured" and covered == set(bound.names):
-            b1 = n1 if self.chunk_size is None else min(n1, self.chunk_size)
-            b2 = n2 if self.chunk_size is None else min(n2, self.chunk_size)
-            chunks = output_chunks(
-                {k: p1.layers[k] for k in names},
-                {k: p2.layers[k] for k in names},
-                b1,
-                b2,
-                math.prod(p1.out_shape),
-                x2 is None and b1 == n1,
-                ax,
-            )
         chain = self._chain(bound, p1, p2, impl) is not None
+        b1 = n1 if self.chunk_size is None else min(n1, self.chunk_size)
+        b2 = n2 if self.chunk_size is None else min(n2, self.chunk_size)
+        args = (
+            {k: p1.layers[k] for k in names},
+            {k: p2.layers[k] for k in names},
+            b1,
+            b2,
+            math.prod(p1.out_shape),
+            x2 is None and b1 == n1,
+            ax,
+        )
+        chunks = 1
+        if impl == "structured" and covered == set(bound.names):
+            chunks = output_chunks(*args)
         if chain and chunks == 1:
-            b1 = n1 if self.chunk_size is None else min(n1, self.chunk_size)
-            b2 = n2 if self.chunk_size is None else min(n2, self.chunk_size)
-            chunks = chain_output_chunks(
-                {k: p1.layers[k] for k in names},
-                {k: p2.layers[k] for k in names},
-                b1,
-                b2,
-                math.prod(p1.out_shape),
-                x2 is None and b1 == n1,
-                ax,
-            )
+            chunks = output_chunks(*args, chain=True)
         return Plan(impl, costs, chunks, chain)
 
     def _chain_parts(
