@@ -162,7 +162,7 @@ class Step:
         return functional_call(self.module, self.params, (h,))
 
 
-def _leaves(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]] | None:
+def _leaves(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]] | None:
     """The leaves of nested plain ``nn.Sequential`` containers, or ``None``."""
     out: list[tuple[str, nn.Module]] = []
     stack = [(prefix, module)]
@@ -177,7 +177,7 @@ def _leaves(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]] |
             stack.extend(reversed([(k, c) for k, c in kids if c is not None]))
         else:
             out.append((name, m))
-    return iter(out)
+    return out
 
 
 def _plain(m: nn.Module, classes: tuple[type[nn.Module], ...]) -> bool:
@@ -302,6 +302,7 @@ class Factored:
         e: ``(c, *shape_e)``, broadcastable to ``(c, *shape)``.
         h: ``(n, *shape_h)`` broadcastable to ``(n, *shape)``, or ``None`` (ones).
         n: number of examples.
+        shape: the per-example cotangent shape (the layer output's).
     """
 
     e: Tensor
@@ -423,16 +424,19 @@ class ChainSide:
                 g = state.dense() if isinstance(state, Factored) else state
                 state, owned = self._layer_input_grad(step, g, saved), True
             elif step.kind in ("relu", "act"):
-                factor = saved.to(self.dtype) if saved.dtype == torch.bool else saved
                 if isinstance(state, Factored):
+                    factor = saved.to(self.dtype)  # a ReLU mask is boolean
                     h = factor if state.h is None else state.h * factor
                     state = Factored(state.e, h, self.n, state.shape)
                 elif owned:
                     state.mul_(saved.unsqueeze(1))
                 else:
                     state, owned = state * saved.unsqueeze(1), True
-            elif isinstance(state, Factored) and _factored_map(step, saved, state) is not None:
-                state = _factored_map(step, saved, state)  # type: ignore[assignment]
+            elif (
+                isinstance(state, Factored)
+                and (mapped := _factored_map(step, saved, state)) is not None
+            ):
+                state = mapped
             else:
                 g = state.dense() if isinstance(state, Factored) else state
                 _, pull = vjp(step, saved)

@@ -634,16 +634,18 @@ def _chunk_pairs(
     s1: CotangentChunks | ChainCotangents,
     s2: CotangentChunks | ChainCotangents,
     start: int,
-    stop: int,
+    stop: int | None,
     same: bool,
 ) -> Iterator[tuple[Features, Features]]:
-    """The features of output units ``[start, stop)`` on both sides: all layers at once, or
-    for chains one layer at a time (both backward passes in lockstep)."""
+    """The features of output units ``[start, stop)`` on both sides (``stop=None``: each
+    side's units, in its own output shape; chains only): all layers at once, or for chains
+    one layer at a time (both backward passes in lockstep)."""
     if isinstance(s1, ChainCotangents) and isinstance(s2, ChainCotangents):
         other = None if same else s2.stream(start, stop)
         for f1 in s1.stream(start, stop):
             yield f1, f1 if other is None else next(other)
         return
+    assert stop is not None
     f1 = s1.chunk(start, stop)
     yield f1, f1 if same else s2.chunk(start, stop)
 
@@ -687,11 +689,8 @@ def contract_stream(
     """Per-parameter kernel blocks, contracting each layer as the backward pass reaches it
     (both sides in lockstep), so that one layer's cotangents are alive at a time."""
     out: dict[str, Tensor] = {}
-    other = None if same else s2.stream()
-    for f1 in s1.stream():
-        f2 = f1 if other is None else next(other)
+    for f1, f2 in _chunk_pairs(s1, s2, 0, None, same):
         out.update(contract(f1, f2, ax, same))
-        del f1, f2
     return out
 
 
@@ -980,32 +979,57 @@ class EmpiricalNTK(EmpiricalKernelFn):
             chunks = output_chunks(*args, chain=True)
         return Plan(impl, costs, chunks, chain)
 
-    def _chain_parts(
+    def _parts(
         self,
-        steps: list[Step],
+        bound: Bound,
         plan: Plan,
         p1: Probe,
         p2: Probe,
         x1: Tensor,
         x2: Tensor | None,
         ax: OutputAxes,
-    ) -> dict[str, Tensor] | None:
-        """Per-parameter blocks by the chain's backward pass (``None``: not a chain after all)."""
-        names = set(p1.layers) & set(p2.layers)
+        per_param: bool,
+    ) -> dict[str, Tensor]:
+        """Per-parameter kernel blocks by the planned algorithm."""
+        impl = plan.implementation
+        names = set(p1.layers) & set(p2.layers) if impl == "structured" else set()
 
-        def side(x: Tensor) -> ChainCotangents:
-            pr = p1 if x.shape[1:] == x1.shape[1:] else p2
-            return ChainCotangents(steps, pr, {k: pr.layers[k] for k in names}, x, self.who)
+        def probe_of(x: Tensor) -> Probe:
+            return p1 if x.shape[1:] == x1.shape[1:] else p2
+
+        def layers_of(x: Tensor) -> dict[str, LayerShape]:
+            return {k: probe_of(x).layers[k] for k in names}
 
         def pair(a: Any, b: Any, same: bool) -> dict[str, Tensor]:
             if plan.output_chunks > 1:
                 return contract_chunked(a, b, ax, same, plan.output_chunks)
-            return contract_stream(a, b, ax, same)
+            if isinstance(a, ChainCotangents):
+                return contract_stream(a, b, ax, same)
+            if impl == "ntk_vector_products":
+                return ntvp(bound, a, b, p2.out_shape, p2.out_dtype, ax, per_param, self.who)
+            return contract(a, b, ax, same)
 
-        try:
-            return blocked(side, pair, x1, x2, self.chunk_size, ax)
-        except NotAChain:  # a layer reshapes across the batch axis
-            return None
+        def feat(x: Tensor) -> Any:
+            if plan.output_chunks > 1:
+                return CotangentChunks(bound, probe_of(x), layers_of(x), x, self.who)
+            if impl == "ntk_vector_products":
+                return x
+            return features(bound, probe_of(x), layers_of(x), x, self.who)
+
+        steps = self._chain(bound, p1, p2, impl) if plan.chain else None
+        if steps is not None:
+            try:
+                return blocked(
+                    lambda x: ChainCotangents(steps, probe_of(x), layers_of(x), x, self.who),
+                    pair,
+                    x1,
+                    x2,
+                    self.chunk_size,
+                    ax,
+                )
+            except NotAChain:  # a layer reshapes across the batch axis: the general path
+                pass
+        return blocked(feat, pair, x1, x2, self.chunk_size, ax)
 
     def _chain(self, bound: Bound, p1: Probe, p2: Probe, impl: str) -> list[Step] | None:
         if impl != "structured" or not CHAIN:
@@ -1017,54 +1041,8 @@ class EmpiricalNTK(EmpiricalKernelFn):
     ) -> Tensor | dict[str, Tensor]:
         x1, x2, bound, p1, p2, ax = self._setup(x1, x2, params)
         plan = self._plan(bound, p1, p2, x1, x2, ax)
-        impl = plan.implementation
-        steps = self._chain(bound, p1, p2, impl) if plan.chain else None
         with torch.no_grad():
-            parts = None if steps is None else self._chain_parts(steps, plan, p1, p2, x1, x2, ax)
-            if parts is not None:
-                pass  # the chain's hand-written backward pass gave the kernel
-            elif plan.output_chunks > 1:
-                names = set(p1.layers) & set(p2.layers)
-
-                def source(x: Tensor) -> CotangentChunks:
-                    pr = p1 if x.shape[1:] == x1.shape[1:] else p2
-                    return CotangentChunks(bound, pr, {k: pr.layers[k] for k in names}, x, self.who)
-
-                parts = blocked(
-                    source,
-                    lambda a, b, same: contract_chunked(a, b, ax, same, plan.output_chunks),
-                    x1,
-                    x2,
-                    self.chunk_size,
-                    ax,
-                )
-            elif impl == "ntk_vector_products":
-                per_param = per_layer is not False
-                parts = blocked(
-                    lambda x: x,
-                    lambda a, b, same: ntvp(
-                        bound, a, b, p2.out_shape, p2.out_dtype, ax, per_param, self.who
-                    ),
-                    x1,
-                    x2,
-                    self.chunk_size,
-                    ax,
-                )
-            else:
-                names = set(p1.layers) & set(p2.layers) if impl == "structured" else set()
-
-                def feat(x: Tensor) -> Features:
-                    pr = p1 if x.shape[1:] == x1.shape[1:] else p2
-                    return features(bound, pr, {k: pr.layers[k] for k in names}, x, self.who)
-
-                parts = blocked(
-                    feat,
-                    lambda a, b, same: contract(a, b, ax, same),
-                    x1,
-                    x2,
-                    self.chunk_size,
-                    ax,
-                )
+            parts = self._parts(bound, plan, p1, p2, x1, x2, ax, per_layer is not False)
         scale = 1.0 / ax.trace_size
         if per_layer is False:
             total = sum(parts.values())
