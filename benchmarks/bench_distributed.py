@@ -8,7 +8,7 @@ blocks and a ``Dense(1)`` readout, NNGP and NTK (``get=('nngp', 'ntk')``), float
 Measured, each the best and the median of ``--repeats`` runs after a warm-up:
 
 * ``loop``: a plain in-process loop over the 64 tiles calling the same tile
-  function (``infnets._src.distributed_tiles.compute_tile``) and filling two
+  function (``infnets._src.scale.tiles.compute_tile``) and filling two
   preallocated ``(N, N)`` arrays, at 1 torch thread (and at ``--workers`` threads);
 * ``dask-K``: :func:`infnets.distributed.kernel_matrix` on a ``LocalCluster`` of K
   single-threaded worker *processes* (one torch thread per task), either kept on
@@ -88,7 +88,7 @@ import numpy as np
 import torch
 
 from infnets import distributed, stax
-from infnets._src.distributed_tiles import TileGrid, compute_tile
+from infnets._src.scale.tiles import TileGrid, compute_tile
 
 GET = ("nngp", "ntk")
 

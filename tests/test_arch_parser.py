@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infnets import stax
-from infnets._src.arch_parser import ArchError, parse_arch, read_arch
+from infnets._src.app.arch_parser import ArchError, parse_arch, read_arch
 
 
 def _same(a: object, b: object) -> bool:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from infnets import stax
-from infnets._src import compiled
+from infnets._src.evaluate import compiled
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None,

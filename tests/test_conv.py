@@ -19,8 +19,8 @@ from torch import nn
 
 from helpers import assert_mc_agrees, monte_carlo_kernels
 from infnets import stax
-from infnets._src import conv as conv_module
-from infnets._src import pooling as pooling_module
+from infnets._src.spatial import conv as conv_module
+from infnets._src.spatial import pooling as pooling_module
 
 F64 = torch.float64
 C = 256

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from infnets import predict, stax
-from infnets._src import demo, demo_data, demo_train
+from infnets._src.app import demo, demo_data, demo_train
 from infnets.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -263,7 +263,7 @@ def test_worker_killed_mid_run(tmp_path: Path) -> None:
     """A worker process dies (SIGKILL) mid-run: Dask reruns its tiles, the matrix is exact."""
     from distributed import Client
 
-    from infnets._src.distributed_store import compute_store
+    from infnets._src.scale.store import compute_store
 
     x = _x(24)
     ref = dist.compute_kernel(
@@ -273,7 +273,7 @@ def test_worker_killed_mid_run(tmp_path: Path) -> None:
     killed: list[int] = []
     try:
         with Client(cluster, set_as_default=False) as c:
-            c.run(lambda: __import__("infnets._src.distributed_store"))  # warm imports
+            c.run(lambda: __import__("infnets._src.scale.store"))  # warm imports
             pids = c.run(os.getpid)
 
             def kill_one(tile: tuple[int, int]) -> None:
@@ -294,7 +294,7 @@ def test_worker_killed_mid_run(tmp_path: Path) -> None:
 
 
 def test_embedded_cluster_runs_kernel_matrix_without_a_client() -> None:
-    from infnets._src.distributed_dask import active_client
+    from infnets._src.scale.cluster import active_client
 
     if active_client() is not None:
         pytest.skip("a default Dask client is already active")

@@ -123,7 +123,7 @@ def test_mkdocs_site_builds(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["infnets.sklearn", "infnets.plot", "infnets.gpytorch", "infnets._src.layer_hyper"]
+    "name", ["infnets.sklearn", "infnets.plot", "infnets.gpytorch", "infnets._src.layers.hyper"]
 )
 def test_docstring_examples_run(name):
     import doctest

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import infnets._src.empirical_ntk as E
-from infnets._src.empirical_chain import chain_of
+import infnets._src.empirical.ntk as E
+from infnets._src.empirical.chain import chain_of
 from infnets.empirical import empirical_ntk_fn
 from test_empirical import conv_variants, reference_ntk
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import infnets._src.empirical_ntk as E
+import infnets._src.empirical.ntk as E
 from infnets.empirical import empirical_ntk_fn
 from test_empirical import conv_variants, make_model, reference_ntk
 
@@ -157,7 +157,7 @@ def _dense_layers(widths: list[int], n_out: int, dtype: torch.dtype) -> dict[str
 
 def test_output_chunk_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """The benchmark MLP (3 x 2048, N = 64, 10 logits, float64) gets 3 chunks of >= 192 rows."""
-    from infnets._src.empirical_axes import make_axes
+    from infnets._src.empirical.axes import make_axes
 
     layers = _dense_layers([128, 2048, 2048, 2048], 10, DT)
     traced = make_axes((64, 10), (64, 10), (-1,), (), "t")

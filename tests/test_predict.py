@@ -21,7 +21,9 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from infnets import predict
-from infnets._src import predict_gp, predict_mse, predict_ode
+from infnets._src.predict import gp as predict_gp
+from infnets._src.predict import mse as predict_mse
+from infnets._src.predict import ode as predict_ode
 
 F64 = torch.float64
 INF = math.inf

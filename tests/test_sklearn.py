@@ -15,7 +15,7 @@ from sklearn.svm import SVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from infnets import predict, stax
-from infnets._src.layer_hyper import affine_layers, kernel_jacobian, with_stds
+from infnets._src.layers.hyper import affine_layers, kernel_jacobian, with_stds
 from infnets.sklearn import (
     InfiniteWidthKernel,
     NNGPRegressor,

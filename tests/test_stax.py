@@ -877,7 +877,7 @@ def test_threaded_blocks_equal_one_block(name: str, need_ntk: bool) -> None:
     and runs the fused plan (per-example variance chains, activations fused with the
     next Dense); assembled and mirrored for x2=None, the blocks equal the layer-by-layer
     evaluation of the whole grid, an independent code path."""
-    from infnets._src.chunks import evaluate_fc, fc_plan
+    from infnets._src.evaluate.chunks import evaluate_fc, fc_plan
 
     net = FUSED_NETS[name]()
     assert fc_plan(net) is not None
@@ -918,7 +918,7 @@ def test_erf_with_zero_gain_is_constant_without_nan() -> None:
     """``Erf(a=0)`` is the constant ``c``: the kernel after the readout is
     ``W^2 c^2 + b^2`` and the NTK equals it (the derivative term vanishes, no
     ``0 * inf`` at correlation 1), on the fused block path and layer by layer."""
-    from infnets._src.chunks import evaluate_fc
+    from infnets._src.evaluate.chunks import evaluate_fc
 
     net = stax.serial(
         stax.Dense(16, W_std=1.3, b_std=0.2), stax.Erf(a=0.0, c=0.5), stax.Dense(1, 1.1, 0.3)
@@ -935,7 +935,7 @@ def test_erf_with_zero_gain_is_constant_without_nan() -> None:
 def test_fc_plan_falls_back_where_it_does_not_apply() -> None:
     """Only Dense (NTK parameterization, float hyper-parameters) and fused activations
     after a Dense form a plan; everything else is evaluated layer by layer."""
-    from infnets._src.chunks import fc_plan
+    from infnets._src.evaluate.chunks import fc_plan
 
     assert fc_plan(stax.serial(stax.Dense(8, parameterization="standard"), stax.Relu())) is None
     assert fc_plan(stax.serial(stax.Dense(8), stax.Gelu())) is None

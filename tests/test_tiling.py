@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from infnets import stax
-from infnets._src import chunks, tiling
+from infnets._src.evaluate import chunks, tiling
 
 F64 = torch.float64
 

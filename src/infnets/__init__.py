@@ -8,7 +8,7 @@ finite-width side (:mod:`infnets.empirical`). Optional integrations live in
 """
 
 from infnets import empirical, predict, stax
-from infnets._src.kernel import Kernel
+from infnets._src.core.kernel import Kernel
 
 __version__ = "0.1.0"
 

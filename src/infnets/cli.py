@@ -20,8 +20,8 @@ __all__ = ["main", "build_parser"]
 
 #: subcommand name -> private module implementing ``add_parser`` and ``run``
 SUBCOMMANDS = {
-    "demo": "infnets._src.cli_demo",
-    "kernel": "infnets._src.cli_kernel",
+    "demo": "infnets._src.app.cli_demo",
+    "kernel": "infnets._src.app.cli_kernel",
 }
 
 

@@ -46,28 +46,28 @@ from typing import Any
 
 import torch
 
-from infnets._src.arch_parser import ArchError, parse_arch, read_arch
-from infnets._src.distributed_dask import (
+from infnets._src.app.arch_parser import ArchError, parse_arch, read_arch
+from infnets._src.scale.cluster import (
     close_embedded_client,
     embedded_client,
     kernel_matrix,
     local_cluster,
 )
-from infnets._src.distributed_store import (
-    KernelStore,
-    RunReport,
-    StoreMismatchError,
-    compute_store,
-    open_kernel_store,
-)
-from infnets._src.distributed_tiles import TileGrid, multi_device_kernel
-from infnets._src.scale_solve import (
+from infnets._src.scale.solve import (
     CGResult,
     cg_solve,
     gp_inference,
     is_stored_kernel,
     solve_posterior_mean,
 )
+from infnets._src.scale.store import (
+    KernelStore,
+    RunReport,
+    StoreMismatchError,
+    compute_store,
+    open_kernel_store,
+)
+from infnets._src.scale.tiles import TileGrid, multi_device_kernel
 
 __all__ = [
     "ArchError",

@@ -53,10 +53,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infnets._src.empirical_kernels import EmpiricalKernel, EmpiricalNNGP, MonteCarloKernel
-from infnets._src.empirical_model import Model
-from infnets._src.empirical_ntk import IMPLEMENTATIONS, EmpiricalNTK, Plan
-from infnets._src.empirical_taylor import TaylorModel
+from infnets._src.empirical.kernels import EmpiricalKernel, EmpiricalNNGP, MonteCarloKernel
+from infnets._src.empirical.model import Model
+from infnets._src.empirical.ntk import IMPLEMENTATIONS, EmpiricalNTK, Plan
+from infnets._src.empirical.taylor import TaylorModel
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -364,7 +364,7 @@ def taylor_expand(
         >>> quad(torch.randn(4, 3)).shape
         torch.Size([4, 1])
     """
-    from infnets._src import inputs as _inputs
+    from infnets._src.core import inputs as _inputs
 
     degree = _inputs.check_int(degree, "degree", 0)
     m = Model(model, who)

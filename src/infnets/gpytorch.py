@@ -34,8 +34,8 @@ from gpytorch.constraints import Interval, Positive
 from gpytorch.priors import Prior
 from torch import Tensor
 
-from infnets._src import layer_hyper as lh
-from infnets._src.layer import Layer
+from infnets._src.layers import hyper as lh
+from infnets._src.layers.base import Layer
 
 __all__ = ["InfiniteWidthKernel"]
 

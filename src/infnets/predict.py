@@ -30,14 +30,14 @@ Conventions shared by all of them:
 
 from __future__ import annotations
 
-from infnets._src.predict_common import Gaussian
-from infnets._src.predict_gp import gp_inference
-from infnets._src.predict_mse import (
+from infnets._src.predict.common import Gaussian
+from infnets._src.predict.gp import gp_inference
+from infnets._src.predict.mse import (
     gradient_descent_mse,
     gradient_descent_mse_ensemble,
     max_learning_rate,
 )
-from infnets._src.predict_ode import gradient_descent
+from infnets._src.predict.ode import gradient_descent
 
 __all__ = [
     "Gaussian",

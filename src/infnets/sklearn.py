@@ -45,8 +45,8 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from infnets import predict, stax
-from infnets._src import layer_hyper as lh
-from infnets._src.layer import Layer
+from infnets._src.layers import hyper as lh
+from infnets._src.layers.base import Layer
 
 __all__ = ["InfiniteWidthKernel", "NTKRegressor", "NNGPRegressor", "NTKClassifier", "default_layer"]
 
@@ -108,7 +108,7 @@ class InfiniteWidthKernel(Kernel):
     As scikit-learn requires, hyper-parameters live on a log scale: ``theta =
     log([W_std, b_std])`` and the gradient is ``dK / dlog(W_std) = W_std dK / dW_std``,
     computed by autograd through the kernel maps (``P + 1`` reverse passes for ``P``
-    free hyper-parameters, see :func:`infnets._src.layer_hyper.kernel_jacobian`).
+    free hyper-parameters, see :func:`infnets._src.layers.hyper.kernel_jacobian`).
 
     Args:
         layer: an infnets layer, whose affine layers (``Dense``, ``Conv``) are rebuilt

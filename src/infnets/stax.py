@@ -11,20 +11,8 @@ Every layer unpacks into ``(init_fn, apply_fn, kernel_fn)``::
     y = apply_fn(params, x_train)
 """
 
-from infnets._src.combinators import (
-    FanInConcat,
-    FanInProd,
-    FanInSum,
-    FanOut,
-    Identity,
-    Parallel,
-    Serial,
-    parallel,
-    serial,
-)
-from infnets._src.conv import Conv
-from infnets._src.dense import Dense
-from infnets._src.elementwise import (
+from infnets._src.core.kernel import Kernel
+from infnets._src.elementwise.closed_forms import (
     ABRelu,
     Abs,
     Cos,
@@ -44,11 +32,23 @@ from infnets._src.elementwise import (
     Sign,
     Sin,
 )
-from infnets._src.elementwise_numerical import Elementwise, ElementwiseNumerical
-from infnets._src.kernel import Kernel
-from infnets._src.layer import Layer, StaxModule
-from infnets._src.normalization import LayerNorm
-from infnets._src.pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
+from infnets._src.elementwise.numerical import Elementwise, ElementwiseNumerical
+from infnets._src.layers.base import Layer, StaxModule
+from infnets._src.layers.combinators import (
+    FanInConcat,
+    FanInProd,
+    FanInSum,
+    FanOut,
+    Identity,
+    Parallel,
+    Serial,
+    parallel,
+    serial,
+)
+from infnets._src.layers.dense import Dense
+from infnets._src.layers.normalization import LayerNorm
+from infnets._src.spatial.conv import Conv
+from infnets._src.spatial.pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
 
 __all__ = [
     "ABRelu",

@@ -1,0 +1,636 @@
+r"""Evaluating ``kernel_fn``: input kernels, spatial layouts, memory budget and tiles.
+
+``layer.kernel_fn(x1, x2, get, ...)`` runs :func:`kernel_fn` below:
+
+1. **Inputs.** ``(N, features)`` inputs start from ``x1 x2^T / d``; convolutional
+   inputs ``(N, C, *spatial)`` (PyTorch layout, 1 to 3 spatial axes) from the
+   per-position channel inner products ``sum_c x1[c, p] x2[c, p'] / C``
+   (:func:`spatial_input_kernel`).
+2. **Layout plan.** Every layer declares whether it needs the full pixel-pair
+   covariance of its input (:meth:`~infnets._src.layers.base.Layer.spatial_requirement`);
+   the architecture's need is combined once, before computing. Convolutions,
+   nonlinearities and ``Flatten`` work on per-position covariances (``O(N1 N2 P)``
+   memory), pooling needs pixel pairs (``O(N1 N2 P^2)``), and containers drop the
+   pairs as soon as nothing downstream needs them.
+3. **Memory budget.** The memory of one pair of examples is estimated from the
+   architecture (the largest spatial covariance, never larger than the input's,
+   times the covariances kept (NNGP, NTK), the parallel branches and a constant for
+   temporaries). When the whole problem exceeds the budget it is computed in tiles
+   of examples, only the upper triangle of tiles when ``x2 is None`` (the lower
+   one is its transpose), each tile exactly what the untiled computation does on
+   those pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from infnets._src.core import inputs as _inputs
+from infnets._src.core.kernel import (
+    Kernel,
+    is_zero_ntk,
+    pack_index,
+    select,
+    swap_spatial_pairs,
+    zero_ntk,
+)
+from infnets._src.evaluate import compiled
+from infnets._src.evaluate.chunks import (
+    HEAP_KEEP_BYTES,
+    Heap,
+    evaluate_fc,
+    single_threaded_ops,
+    thread_workers,
+    tune_heap,
+)
+from infnets._src.layers.base import PACK_MIN_EXAMPLES, Layer
+
+__all__ = [
+    "kernel_fn",
+    "spatial_input_kernel",
+    "default_memory_budget",
+    "pair_bytes",
+    "plan_spatial",
+    "TEMPORARIES",
+    "BUDGET_FRACTION",
+]
+
+#: working copies of each kept covariance alive at once inside a layer (the previous
+#: and new records, the maps' temporaries, gathered variances); peak RSS measured on
+#: CPU: 4 (pixel pairs, GlobalAvgPool net) to 5 (per-position, Flatten net) per kept
+#: covariance (NNGP, NTK)
+TEMPORARIES = 5.0
+#: fraction of the free memory (RAM, or GPU memory on CUDA) used by default
+BUDGET_FRACTION = 0.5
+#: show the progress bar (progress=None) only when a run takes longer than this
+PROGRESS_DELAY_S = 5.0
+#: inputs with at most this many channels use elementwise products (exact layouts agree)
+SMALL_CHANNELS = 8
+#: on CPUs, spatial kernels are computed in tiles of about this many covariance entries
+#: per example pair block (~4 MiB in float64), so that every pass over them stays in cache
+CACHE_TILE_ENTRIES = 1 << 21
+
+
+# ------------------------------------------------------------- input kernel
+def _interleave(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    return [x for pair in zip(a, b) for x in pair]
+
+
+def spatial_input_kernel(
+    x1: Tensor, x2: Tensor | None, need_ntk: bool, full: bool = True
+) -> Kernel:
+    r"""The kernel of raw convolutional inputs: per-position channel inner products.
+
+    ``K(x, x')[p, p'] = 1 / C sum_c x[c, p] x'[c, p']`` (Novak et al. 2019, eq. 6):
+    the channels are the axis taken to infinity, so the input covariance of a
+    position pair is the channel average.
+
+    Args:
+        x1: ``(N1, C, *spatial)`` with 1 to 3 spatial axes.
+        x2: ``(N2, C, *spatial)`` or ``None`` for ``x2 = x1``.
+        need_ntk: track the NTK (zero for the inputs).
+        full: keep every pair of positions (interleaved layout
+            ``(N1, N2, s_1, s_1', ..., s_d, s_d')``); else only ``p = p'``
+            (``(N1, N2, *spatial)``, ``diagonal_spatial=True``).
+
+    Returns:
+        The input :class:`Kernel`; symmetric problems of at least
+        ``PACK_MIN_EXAMPLES`` examples use the packed pair layout.
+
+    Examples:
+        >>> k = spatial_input_kernel(torch.ones(2, 3, 4, 4), None, False, full=False)
+        >>> k.nngp.shape, k.cov1.shape
+        (torch.Size([2, 2, 4, 4]), torch.Size([2, 4, 4]))
+    """
+    if not 3 <= x1.ndim <= 5:
+        raise ValueError(
+            f"x1 has shape {tuple(x1.shape)}; convolutional inputs are (N, C, *spatial) with "
+            "1 to 3 spatial axes (channels on axis 1, PyTorch layout)."
+        )
+    n1, c = x1.shape[0], x1.shape[1]
+    symmetric = x2 is None
+    xb = x1 if x2 is None else x2
+    n2 = xb.shape[0]
+    index = pack_index(n1, x1.device) if symmetric and n1 >= PACK_MIN_EXAMPLES else None
+    if c <= SMALL_CHANNELS:
+        nngp, cov1, cov2 = _products(x1, xb, index, symmetric, full)
+    else:
+        nngp, cov1, cov2 = _matmuls(x1, xb, index, symmetric, full)
+    return Kernel(
+        nngp=nngp,
+        ntk=zero_ntk(nngp) if need_ntk else None,  # no parameters yet
+        cov1=cov1,
+        cov2=cov2,
+        shape1=tuple(x1.shape),
+        shape2=(n2,) + tuple(x1.shape[1:]),
+        is_gaussian=False,
+        pair_index=index,
+        n1=n1,
+        n2=n2,
+        diagonal_spatial=not full,
+    )
+
+
+def _products(
+    x1: Tensor, x2: Tensor, index: Tensor | None, symmetric: bool, full: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Channel sums as a fixed sequence of elementwise products (few channels).
+
+    Every entry, in either layout and in ``cov1``, is the same sequence of
+    roundings, so the per-position and the full layouts agree bit for bit and a
+    pair of identical examples has correlation exactly one. Results are stored
+    with the example axes innermost (see :mod:`infnets._src.core.kernel`).
+    """
+    c = x1.shape[1]
+    d = x1.ndim - 2
+
+    def plane(x: Tensor, ch: int) -> Tensor:
+        return x[:, ch].movedim(0, -1).contiguous()  # (*S, N): examples innermost
+
+    def outer(a: Tensor, b: Tensor, pairs: bool) -> Tensor:
+        """``(*S, B1)``, ``(*S, B2)`` -> ``(*S_pairs, B1, B2)`` (rowwise: ``(*S_pairs, B)``)."""
+        if full:  # interleave: a on the first position of each pair, b on the second
+            a = a.reshape(tuple(x for n in a.shape[:d] for x in (n, 1)) + a.shape[d:])
+            b = b.reshape(tuple(x for n in b.shape[:d] for x in (1, n)) + b.shape[d:])
+        return a.unsqueeze(-1) * b.unsqueeze(-2) if pairs else a * b
+
+    def channel_sum(term: Any, batch: int) -> Tensor:
+        acc = term(0)
+        for ch in range(1, c):
+            acc.add_(term(ch))
+        if c > 1:
+            acc.div_(c)
+        spatial = acc.ndim - batch
+        return acc.permute(tuple(range(spatial, acc.ndim)) + tuple(range(spatial)))
+
+    p1 = [plane(x1, ch) for ch in range(c)]
+    p2 = p1 if x2 is x1 else [plane(x2, ch) for ch in range(c)]
+    if index is not None:
+        nngp = channel_sum(lambda ch: outer(p1[ch][..., index[0]], p1[ch][..., index[1]], False), 1)
+    else:
+        nngp = channel_sum(lambda ch: outer(p1[ch], p2[ch], True), 2)
+    cov1 = channel_sum(lambda ch: outer(p1[ch], p1[ch], False), 1)
+    cov2 = None if symmetric else channel_sum(lambda ch: outer(p2[ch], p2[ch], False), 1)
+    return nngp, cov1, cov2
+
+
+def _batch_last(t: Tensor, lead: int) -> Tensor:
+    """The same logical tensor stored with its ``lead`` example axes innermost."""
+    perm = tuple(range(lead, t.ndim)) + tuple(range(lead))
+    inverse = tuple(range(t.ndim - lead, t.ndim)) + tuple(range(t.ndim - lead))
+    return t.permute(perm).contiguous().permute(inverse)
+
+
+def _matmuls(
+    x1: Tensor, x2: Tensor, index: Tensor | None, symmetric: bool, full: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Channel sums as (batched) matrix products (many channels)."""
+    n1, c = x1.shape[0], x1.shape[1]
+    spatial = tuple(x1.shape[2:])
+    p = math.prod(spatial)
+    a1 = x1.reshape(n1, c, p)
+    a2 = x2.reshape(x2.shape[0], c, p)
+    n2 = a2.shape[0]
+
+    def own(a: Tensor) -> Tensor:
+        if not full:
+            return ((a * a).sum(1) / c).reshape((a.shape[0],) + spatial)
+        return _to_pairs(torch.bmm(a.transpose(1, 2), a) / c, 1, spatial)
+
+    if full:
+        if index is not None:
+            g = torch.bmm(a1[index[0]].transpose(1, 2), a1[index[1]]) / c  # (M, P, P)
+            nngp = _to_pairs(g, 1, spatial)
+        else:
+            g = a1.transpose(1, 2).reshape(n1 * p, c) @ a2.transpose(1, 2).reshape(n2 * p, c).T
+            g = (g / c).reshape(n1, p, n2, p).transpose(1, 2)  # (N1, N2, P, P)
+            nngp = _to_pairs(g, 2, spatial)
+    else:
+        # (P, N1, C) @ (P, C, N2) -> (P, N1, N2): a batched matmul over positions
+        g = torch.bmm(a1.permute(2, 0, 1), a2.permute(2, 1, 0)) / c
+        nngp = g.permute(1, 2, 0)
+        if index is not None:
+            nngp = nngp[index[0], index[1]]
+        nngp = nngp.reshape(nngp.shape[: nngp.ndim - 1] + spatial).contiguous()
+    lead = 1 if index is not None else 2
+    cov2 = None if symmetric else _batch_last(own(a2), 1)
+    return _batch_last(nngp, lead), _batch_last(own(a1), 1), cov2
+
+
+def _to_pairs(g: Tensor, lead: int, spatial: tuple[int, ...]) -> Tensor:
+    """``(*B, P, P') -> (*B, s_1, s_1', ..., s_d, s_d')`` (contiguous)."""
+    d = len(spatial)
+    g = g.reshape(tuple(g.shape[:lead]) + spatial + spatial)
+    perm = list(range(lead)) + _interleave(range(lead, lead + d), range(lead + d, lead + 2 * d))
+    return g.permute(perm).contiguous()
+
+
+# ------------------------------------------------------------------- plan
+def _fold(need: Any) -> bool:
+    if isinstance(need, list):
+        return any(_fold(n) for n in need)
+    return bool(need)
+
+
+def _leaves(layer: Layer) -> list[Layer]:
+    kids = getattr(layer, "layers", None)
+    if isinstance(kids, tuple) and all(isinstance(k, Layer) for k in kids):
+        return [leaf for k in kids for leaf in _leaves(k)]
+    return [layer]
+
+
+def plan_spatial(layer: Layer, spatial: bool, diagonal_spatial: bool | None) -> tuple[bool, Any]:
+    """Decide the input layout and what the output must keep, before computing.
+
+    Args:
+        layer: the architecture.
+        spatial: whether the inputs are convolutional ``(N, C, *spatial)``.
+        diagonal_spatial: ``None`` (automatic: pixel pairs only where some layer
+            needs them), ``True`` (force per-position covariances; refused where a
+            layer mixes positions) or ``False`` (keep every pixel pair throughout).
+
+    Returns:
+        ``(full_input, out_full)``: whether the input kernel keeps pixel pairs, and
+        the requirement passed to :meth:`Layer.kernel_planned` (``None`` keeps
+        every layout as it comes).
+
+    Raises:
+        ValueError: ``diagonal_spatial=True`` for an architecture that mixes positions.
+    """
+    if diagonal_spatial is not None and not isinstance(diagonal_spatial, bool):
+        raise TypeError(
+            f"kernel_fn: diagonal_spatial must be None, True or False, got {diagonal_spatial!r}."
+        )
+    if not spatial:
+        return False, True
+    if diagonal_spatial is None:
+        return _fold(layer.spatial_requirement(True)), True
+    if diagonal_spatial:
+        if _fold(layer.spatial_requirement(False)):
+            culprits = [leaf for leaf in _leaves(layer) if _fold(leaf.spatial_requirement(False))]
+            names = ", ".join(repr(c) for c in culprits) or repr(layer)
+            raise ValueError(
+                f"kernel_fn(..., diagonal_spatial=True): {names} mixes positions and needs "
+                "the full spatial covariance (every pair of positions), so per-position "
+                "covariances would give a wrong kernel. Use diagonal_spatial=None "
+                "(automatic) or False."
+            )
+        return False, False
+    return True, None
+
+
+# ----------------------------------------------------------------- memory
+def _branches(layer: Layer) -> int:
+    """An upper bound on the records alive at once: 1 + extra FanOut branches."""
+    extra = 0
+    for leaf in _leaves(layer):
+        n = getattr(leaf, "n", None)
+        if type(leaf).__name__ == "FanOut" and isinstance(n, int):
+            extra += n - 1
+    return 1 + extra
+
+
+def pair_bytes(layer: Layer, x1: Tensor, full_input: bool, need_ntk: bool) -> int:
+    """Estimated peak memory of one pair of examples, in bytes.
+
+    No layer enlarges the spatial extent (convolutions keep or shrink it, pooling
+    shrinks it), so the input's covariance size per pair, ``P^2`` with pixel pairs
+    or ``P`` without (1 for fully-connected inputs), bounds every layer's. It is
+    multiplied by the covariances kept (NNGP and NTK), :data:`TEMPORARIES` and the
+    number of parallel branches.
+
+    Args:
+        layer: the architecture.
+        x1: the inputs (shape and dtype).
+        full_input: whether pixel pairs are kept at the input.
+        need_ntk: whether the NTK is tracked.
+
+    Returns:
+        Bytes per pair of examples.
+    """
+    positions = math.prod(x1.shape[2:]) if x1.ndim > 2 else 1
+    per_pair = positions * positions if full_input else positions
+    kept = 2 if need_ntk else 1
+    return int(math.ceil(per_pair * kept * TEMPORARIES * _branches(layer) * x1.element_size()))
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """A safe share of the free memory: :data:`BUDGET_FRACTION` of free GPU memory on CUDA,
+    else of the available RAM (``MemAvailable`` in ``/proc/meminfo``; 4 GiB if unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * BUDGET_FRACTION)
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 8 << 30
+    return int(avail * BUDGET_FRACTION)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _cache_side(x1: Tensor, full_input: bool, pairs: int) -> int:
+    """Examples per tile side keeping a tile's covariances in cache (CPU, spatial inputs).
+
+    Problems of at most two cache tiles are not split.
+    """
+    if x1.ndim <= 2 or x1.device.type != "cpu":
+        return 1 << 62
+    positions = math.prod(x1.shape[2:])
+    per_pair = positions * positions if full_input else positions
+    if pairs * per_pair <= 2 * CACHE_TILE_ENTRIES:
+        return 1 << 62
+    return max(1, math.isqrt(CACHE_TILE_ENTRIES // per_pair))
+
+
+# ------------------------------------------------------------------ evaluate
+def _single(
+    layer: Layer, x1: Tensor, x2: Tensor | None, need_ntk: bool, full_in: bool, out_full: Any
+) -> Kernel:
+    if x1.ndim == 2:  # fully connected: cache-blocked chunks of pairs (exact)
+        return evaluate_fc(layer, x1, x2, need_ntk)
+    k_in = spatial_input_kernel(x1, x2, need_ntk, full=full_in)
+    k_out = layer.kernel_planned(k_in, out_full)
+    if not isinstance(k_out, Kernel):
+        raise ValueError(
+            f"{layer!r} ends with {len(k_out)} branches; join them with a FanIn layer "
+            "(FanInSum, FanInConcat, FanInProd) before asking for a kernel."
+        )
+    if is_zero_ntk(k_out.ntk):  # no parameter anywhere: a real tensor of zeros
+        k_out = k_out.replace(ntk=torch.zeros_like(k_out.nngp))
+    return k_out.to_dense()
+
+
+def _mirror(t: Tensor, full_spatial: bool) -> Tensor:
+    """Tile ``(j, i)`` from tile ``(i, j)``: swap the example axes (and each position pair)."""
+    t = t.transpose(0, 1)
+    return swap_spatial_pairs(t, 2) if full_spatial else t
+
+
+def kernel_fn(
+    layer: Layer,
+    x1: Any,
+    x2: Any = None,
+    get: str | Sequence[str] | None = None,
+    *,
+    diagonal_spatial: bool | None = None,
+    memory_budget: int | float | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+) -> Any:
+    r"""Infinite-width kernels of ``layer`` on two batches, under a memory budget.
+
+    Args:
+        layer: the architecture.
+        x1: ``(N1, features)`` or ``(N1, C, *spatial)`` inputs (1 to 3 spatial axes).
+        x2: inputs of the same shape but batch size, or ``None`` for ``x2 = x1``.
+        get: ``None`` (the :class:`Kernel` record), ``'nngp'``/``'ntk'``/``'cov1'``/
+            ``'cov2'`` or a tuple of them (a named tuple).
+        diagonal_spatial: ``None`` (default) keeps the pixel-pair covariances only
+            where a layer needs them; ``True`` forces per-position covariances and
+            refuses architectures that mix positions (pooling); ``False`` keeps all
+            pixel pairs (slower; the same kernel). Ignored for fully-connected inputs.
+        memory_budget: peak bytes for the kernel computation (default
+            :func:`default_memory_budget`); larger problems are computed in tiles of
+            examples.
+        batch_size: examples per tile along each batch axis (overrides the tile size
+            the budget would give).
+        progress: show a tqdm progress bar over tiles (``None``: only for tiled runs
+            that last longer than a few seconds).
+
+    Returns:
+        What ``get`` asks for; kernels have shape ``(N1, N2)`` (plus the output's
+        spatial axes when the network ends with spatial activations: per-position
+        with ``diagonal_spatial=True``, else every pixel pair, interleaved).
+
+    Raises:
+        MemoryError: before any work, when one pair of examples (or the result
+            itself) cannot fit the budget.
+
+    Examples:
+        >>> from infnets import stax
+        >>> net = stax.serial(stax.Conv(8, (3, 3), padding='SAME'), stax.Relu(),
+        ...                   stax.Flatten(), stax.Dense(1))
+        >>> x = torch.randn(6, 1, 5, 5, dtype=torch.float64)
+        >>> k = net.kernel_fn(x, None, 'nngp', batch_size=4)  # 2 x 2 tiles, 3 computed
+        >>> torch.allclose(k, net.kernel_fn(x, None, 'nngp'))
+        True
+    """
+    names = _inputs.parse_get(get)
+    x1, x2 = _inputs.check_pair(x1, x2)
+    need_ntk = "ntk" in names
+    full_in, out_full = plan_spatial(layer, x1.ndim > 2, diagonal_spatial)
+
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    per_pair = pair_bytes(layer, x1, full_in, need_ntk)
+    if memory_budget is None:
+        budget = default_memory_budget(x1.device)
+    else:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+            raise TypeError(
+                f"kernel_fn: memory_budget must be a number of bytes, got {memory_budget!r}."
+            )
+        if not memory_budget > 0:
+            raise ValueError(f"kernel_fn: memory_budget must be > 0 bytes, got {memory_budget}.")
+        budget = int(memory_budget)
+    if batch_size is not None:
+        batch_size = _inputs.check_int(batch_size, "kernel_fn: batch_size", 1)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"kernel_fn: progress must be None, True or False, got {progress!r}.")
+
+    if per_pair > budget:
+        raise MemoryError(
+            f"kernel_fn: one pair of examples needs about {_human(per_pair)} for {layer!r} "
+            f"on inputs of shape {tuple(x1.shape[1:])} "
+            f"({'every pixel pair' if full_in else 'per-position covariances'}, "
+            f"{'NNGP and NTK' if need_ntk else 'NNGP'}), more than the memory budget of "
+            f"{_human(budget)}. Raise memory_budget, ask for 'nngp' only, downsample the "
+            "inputs, or avoid pooling (Flatten needs no pixel pairs)."
+        )
+    pairs = n1 * (n1 + 1) // 2 if x2 is None and n1 >= PACK_MIN_EXAMPLES else n1 * n2
+    cache_side = _cache_side(x1, full_in, pairs)
+    if batch_size is None and pairs * per_pair <= budget and cache_side >= max(n1, n2):
+        return select(_single(layer, x1, x2, need_ntk, full_in, out_full), get)
+
+    # ------------------------------------------------------------- tiled
+    if batch_size is None:
+        # one example shows the result's size per pair (and checks the architecture)
+        probe = _single(layer, x1[:1], None, need_ntk, full_in, out_full)
+        out_per_pair = probe.nngp.numel() * (2 if need_ntk else 1) * x1.element_size()
+        avail = budget - n1 * n2 * out_per_pair
+        if avail < per_pair:
+            raise MemoryError(
+                f"kernel_fn: the result alone, {n1} x {n2} pairs of about "
+                f"{_human(out_per_pair)} each, needs more than the memory budget of "
+                f"{_human(budget)}; compute it in row blocks (x1[i:j]) or raise memory_budget."
+            )
+        # tiles run side by side on CPU threads (see _tile_workers): each needs its share
+        workers = max(1, thread_workers(x1, 1 << 30))
+        side = min(max(1, int(math.isqrt(int(avail // (per_pair * workers))))), cache_side)
+    else:
+        side = batch_size
+    return select(_tiled(layer, x1, x2, need_ntk, full_in, out_full, side, progress), get)
+
+
+#: most extra work accepted to give every tile the same shape (see _tiled)
+PAD_FRACTION = 0.02
+
+
+def _padded(x: Tensor, side: int) -> Tensor | None:
+    """``x`` extended with copies of its first examples to a multiple of ``side``.
+
+    ``None`` when no padding is needed or it would add more than
+    :data:`PAD_FRACTION` of the examples.
+    """
+    n = x.shape[0]
+    pad = -n % side
+    if pad == 0 or pad > PAD_FRACTION * n:
+        return None
+    return torch.cat([x, x[:pad]])
+
+
+def _tiled(
+    layer: Layer,
+    x1: Tensor,
+    x2: Tensor | None,
+    need_ntk: bool,
+    full_in: bool,
+    out_full: Any,
+    side: int,
+    progress: bool | None,
+) -> Kernel:
+    from tqdm.auto import tqdm
+
+    symmetric = x2 is None
+    xb = x1 if x2 is None else x2
+    n1, n2 = x1.shape[0], xb.shape[0]
+
+    # Every tile gets the same shape: a short last block of rows (columns) is filled
+    # up with copies of the first examples, whose pairs are computed and dropped
+    # (at most PAD_FRACTION more work). Tiles then share one shape per layout, so
+    # compiled kernels (infnets._src.evaluate.compiled) compile once, not again for the edge.
+    def blocks(x: Tensor) -> tuple[Tensor, list[tuple[int, int]]]:
+        """The (padded) examples and the bounds of their blocks."""
+        n, padded = x.shape[0], _padded(x, side)
+        if padded is None:
+            return x, [(a, min(a + side, n)) for a in range(0, n, side)]
+        return padded, [(a, a + side) for a in range(0, n, side)]
+
+    xs1, rows = blocks(x1)
+    xsb, cols = (xs1, rows) if symmetric else blocks(xb)
+    tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not symmetric or i <= j]
+    out: dict[str, Tensor | None] = {}
+
+    def compute(tile: tuple[int, int]) -> Kernel:
+        (a0, a1), (b0, b1) = rows[tile[0]], cols[tile[1]]
+        other = None if symmetric and tile[0] == tile[1] else xsb[b0:b1]
+        return _single(layer, xs1[a0:a1], other, need_ntk, full_in, out_full)
+
+    def store(tile: tuple[int, int], k: Kernel) -> None:
+        """Write a tile (and its mirror) into the outputs: disjoint regions per tile."""
+        i, j = tile
+        (a0, a1), (b0, b1) = rows[i], cols[j]
+        if a1 > n1 or b1 > n2:  # drop the pairs of padding examples
+            a1, b1 = min(a1, n1), min(b1, n2)
+            k = k.replace(
+                nngp=k.nngp[: a1 - a0, : b1 - b0],
+                ntk=None if k.ntk is None else k.ntk[: a1 - a0, : b1 - b0],
+                cov1=k.cov1[: a1 - a0],
+                cov2=None if k.cov2 is None else k.cov2[: b1 - b0],
+            )
+        nngp, ntk, cov1, cov2 = out["nngp"], out["ntk"], out["cov1"], out["cov2"]
+        full = k.is_full_spatial
+        nngp[a0:a1, b0:b1] = k.nngp  # type: ignore[index]
+        if ntk is not None:
+            ntk[a0:a1, b0:b1] = k.ntk
+        if symmetric:
+            if i == j:
+                cov1[a0:a1] = k.cov1  # type: ignore[index]
+            else:
+                nngp[b0:b1, a0:a1] = _mirror(k.nngp, full)  # type: ignore[index]
+                if ntk is not None:
+                    ntk[b0:b1, a0:a1] = _mirror(k.ntk, full)  # type: ignore[arg-type]
+        else:
+            if j == 0:
+                cov1[a0:a1] = k.cov1  # type: ignore[index]
+            if i == 0:
+                cov2[b0:b1] = k.cov2  # type: ignore[index]
+
+    bar = tqdm(
+        total=len(tiles),
+        desc="kernel tiles",
+        unit="tile",
+        disable=progress is False,
+        delay=0.0 if progress else PROGRESS_DELAY_S,
+        leave=False,
+    )
+    workers = thread_workers(x1, len(tiles) - 1)
+    if x1.device.type == "cpu":
+        tune_heap()
+    entries = math.prod(x1.shape[2:]) ** (2 if full_in else 1) * n1 * n2
+    stack = contextlib.ExitStack()
+    stack.enter_context(compiled.large_problem(entries // (2 if symmetric else 1)))
+    try:
+        # with tile threads, every tile (the first too) runs single-threaded torch ops,
+        # so compiled kernels (infnets._src.evaluate.compiled) see one setting and compile once
+        with single_threaded_ops() if workers > 1 else contextlib.nullcontext():
+            first = compute(tiles[0])
+        rest = tuple(first.nngp.shape[2:])
+        out["nngp"] = first.nngp.new_empty((n1, n2) + rest)
+        out["ntk"] = None if first.ntk is None else first.ntk.new_empty((n1, n2) + rest)
+        per_example = tuple(first.cov1.shape[1:])
+        out["cov1"] = first.cov1.new_empty((n1,) + per_example)
+        out["cov2"] = None if symmetric else first.cov1.new_empty((n2,) + per_example)
+        store(tiles[0], first)
+        bar.update(1)
+        if workers > 1 and not first.nngp.requires_grad:  # no autograd graph to share
+            heap = Heap(HEAP_KEEP_BYTES)  # bounds fragmentation (see Heap)
+            with single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
+                futures = {pool.submit(compute, t): t for t in tiles[1:]}
+                for fut in as_completed(futures):
+                    store(futures.pop(fut), fut.result())
+                    bar.update(1)
+                    heap.check()
+        else:
+            for tile in tiles[1:]:
+                store(tile, compute(tile))
+                bar.update(1)
+    finally:
+        bar.close()
+        stack.close()
+    return first.replace(
+        nngp=out["nngp"],
+        ntk=out["ntk"],
+        cov1=out["cov1"],
+        cov2=out["cov2"],
+        shape1=(n1,) + tuple(first.shape1[1:]),
+        shape2=(n2,) + tuple(first.shape2[1:]),
+        pair_index=None,
+        n1=n1,
+        n2=n2,
+    )
