@@ -29,8 +29,9 @@ from torch import Tensor
 from infnets._src.core import inputs as _inputs
 from infnets._src.core import safe_math as sm
 from infnets._src.core.kernel import Kernel
+from infnets._src.core.protocol import FusedStep, PairMap, Params
 from infnets._src.evaluate import compiled
-from infnets._src.layers.base import Layer, Params
+from infnets._src.layers.base import Layer
 
 __all__ = [
     "ElementwiseLayer",
@@ -203,6 +204,9 @@ class ABRelu(ElementwiseLayer):
             return super().maps(c, q1, q2, need_dot)
         return self.pair_maps(c, self.pair_factors(q1)[0], self.pair_factors(q2)[1], need_dot)
 
+    def fused_steps(self) -> list[FusedStep]:
+        return [PairMap(self)]
+
     def pair_factors(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Per-example factors of :meth:`pair_maps`: ``sqrt(q)`` shrunk by 3 ulps (twice).
 
@@ -361,6 +365,9 @@ class Erf(ElementwiseLayer):
         if sm.needs_grad(k, q1, q2):
             return super().maps(k, q1, q2, need_dot)
         return self.pair_maps(k, self.pair_factors(q1)[0], self.pair_factors(q2)[1], need_dot)
+
+    def fused_steps(self) -> list[FusedStep]:
+        return [PairMap(self)]
 
     def pair_factors(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Per-example factors of :meth:`pair_maps`: ``sqrt(2) |b| / sqrt(1 + 2 b^2 q)`` (twice).

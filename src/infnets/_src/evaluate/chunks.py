@@ -16,6 +16,7 @@ from torch import Tensor
 
 from infnets._src.core import safe_math as sm
 from infnets._src.core.kernel import Kernel
+from infnets._src.core.protocol import Affine, KernelLayer, PairMap, input_kernel
 
 __all__ = [
     "HEAP_KEEP_BYTES",
@@ -79,8 +80,6 @@ def evaluate_fc(
     Returns:
         The output :class:`Kernel` in the dense ``(N1, N2)`` layout.
     """
-    from infnets._src.layers.base import input_kernel
-
     grad = torch.is_grad_enabled() and (
         x1.requires_grad or (x2 is not None and x2.requires_grad) or _has_grad_params(layer)
     )
@@ -205,47 +204,35 @@ class PlanStep:
     dense: bool = True
 
 
-def _flatten(layer: Any) -> list[Any]:
-    from infnets._src.layers.combinators import Serial
+def fc_plan(layer: KernelLayer) -> list[PlanStep] | None:
+    """The fused plan of a network whose every layer declares fused steps, else ``None``.
 
-    if isinstance(layer, Serial):
-        return [leaf for sub in layer.layers for leaf in _flatten(sub)]
-    return [layer]
-
-
-def fc_plan(layer: Any) -> list[PlanStep] | None:
-    """The fused plan of a network of Dense layers and fused activations, else ``None``.
-
-    Recognised: a (nested) ``serial`` that starts with a ``Dense`` in the NTK
-    parameterization with float hyper-parameters, then any sequence of such
-    ``Dense`` layers and activations that define ``pair_factors``/``pair_maps``
-    (ReLU family, Erf), each activation right after a ``Dense``. Anything else
-    (standard parameterization, tensor hyper-parameters, other layers) returns
-    ``None`` and is evaluated layer by layer, with the same results.
+    Layers declare their fused form through the protocol
+    (:meth:`~infnets._src.core.protocol.KernelLayer.fused_steps`): ``Dense`` in the NTK
+    parameterization with float hyper-parameters an :class:`Affine` step, activations
+    with ``pair_factors``/``pair_maps`` (ReLU family, Erf) a :class:`PairMap` step,
+    ``serial`` the steps of its layers. The plan must start with an affine step and
+    each activation must follow one. Anything else returns ``None`` and is evaluated
+    layer by layer, with the same results.
     """
-    from infnets._src.layers.dense import Dense
-
+    declared = layer.fused_steps()
+    if not declared:
+        return None
     steps: list[PlanStep] = []
     prev_dense = False
-    for leaf in _flatten(layer):
-        if isinstance(leaf, Dense):
-            w, b = leaf.W_std, leaf.b_std
-            if leaf.parameterization != "ntk" or not isinstance(w, (int, float)):
-                return None
-            if b is not None and not isinstance(b, (int, float)):
-                return None
-            w2, b2 = float(w) ** 2, 0.0 if b is None else float(b) ** 2
+    for step in declared:
+        if isinstance(step, Affine):
             if steps and steps[-1].act is not None and not steps[-1].dense:
-                steps[-1].w2, steps[-1].b2, steps[-1].dense = w2, b2, True
+                steps[-1].w2, steps[-1].b2, steps[-1].dense = step.w2, step.b2, True
             else:
-                steps.append(PlanStep(None, w2, b2))
+                steps.append(PlanStep(None, step.w2, step.b2))
             prev_dense = True
-        elif hasattr(leaf, "pair_maps") and prev_dense:
-            steps.append(PlanStep(leaf, dense=False))
+        elif isinstance(step, PairMap) and prev_dense:
+            steps.append(PlanStep(step.act, dense=False))
             prev_dense = False
         else:
             return None
-    return steps or None
+    return steps
 
 
 def _variance_chain(plan: list[PlanStep], q: Tensor) -> list[Any]:

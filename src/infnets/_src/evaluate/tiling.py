@@ -42,6 +42,7 @@ from infnets._src.core.kernel import (
     swap_spatial_pairs,
     zero_ntk,
 )
+from infnets._src.core.protocol import PACK_MIN_EXAMPLES, KernelLayer, leaves
 from infnets._src.evaluate import compiled
 from infnets._src.evaluate.chunks import (
     HEAP_KEEP_BYTES,
@@ -51,7 +52,6 @@ from infnets._src.evaluate.chunks import (
     thread_workers,
     tune_heap,
 )
-from infnets._src.layers.base import PACK_MIN_EXAMPLES, Layer
 
 __all__ = [
     "kernel_fn",
@@ -240,14 +240,9 @@ def _fold(need: Any) -> bool:
     return bool(need)
 
 
-def _leaves(layer: Layer) -> list[Layer]:
-    kids = getattr(layer, "layers", None)
-    if isinstance(kids, tuple) and all(isinstance(k, Layer) for k in kids):
-        return [leaf for k in kids for leaf in _leaves(k)]
-    return [layer]
-
-
-def plan_spatial(layer: Layer, spatial: bool, diagonal_spatial: bool | None) -> tuple[bool, Any]:
+def plan_spatial(
+    layer: KernelLayer, spatial: bool, diagonal_spatial: bool | None
+) -> tuple[bool, Any]:
     """Decide the input layout and what the output must keep, before computing.
 
     Args:
@@ -275,7 +270,7 @@ def plan_spatial(layer: Layer, spatial: bool, diagonal_spatial: bool | None) -> 
         return _fold(layer.spatial_requirement(True)), True
     if diagonal_spatial:
         if _fold(layer.spatial_requirement(False)):
-            culprits = [leaf for leaf in _leaves(layer) if _fold(leaf.spatial_requirement(False))]
+            culprits = [leaf for leaf in leaves(layer) if _fold(leaf.spatial_requirement(False))]
             names = ", ".join(repr(c) for c in culprits) or repr(layer)
             raise ValueError(
                 f"kernel_fn(..., diagonal_spatial=True): {names} mixes positions and needs "
@@ -288,17 +283,12 @@ def plan_spatial(layer: Layer, spatial: bool, diagonal_spatial: bool | None) -> 
 
 
 # ----------------------------------------------------------------- memory
-def _branches(layer: Layer) -> int:
+def _branches(layer: KernelLayer) -> int:
     """An upper bound on the records alive at once: 1 + extra FanOut branches."""
-    extra = 0
-    for leaf in _leaves(layer):
-        n = getattr(leaf, "n", None)
-        if type(leaf).__name__ == "FanOut" and isinstance(n, int):
-            extra += n - 1
-    return 1 + extra
+    return 1 + sum(leaf.extra_records() for leaf in leaves(layer))
 
 
-def pair_bytes(layer: Layer, x1: Tensor, full_input: bool, need_ntk: bool) -> int:
+def pair_bytes(layer: KernelLayer, x1: Tensor, full_input: bool, need_ntk: bool) -> int:
     """Estimated peak memory of one pair of examples, in bytes.
 
     No layer enlarges the spatial extent (convolutions keep or shrink it, pooling
@@ -369,7 +359,7 @@ def _cache_side(x1: Tensor, full_input: bool, pairs: int) -> int:
 
 # ------------------------------------------------------------------ evaluate
 def _single(
-    layer: Layer, x1: Tensor, x2: Tensor | None, need_ntk: bool, full_in: bool, out_full: Any
+    layer: KernelLayer, x1: Tensor, x2: Tensor | None, need_ntk: bool, full_in: bool, out_full: Any
 ) -> Kernel:
     if x1.ndim == 2:  # fully connected: cache-blocked chunks of pairs (exact)
         return evaluate_fc(layer, x1, x2, need_ntk)
@@ -392,7 +382,7 @@ def _mirror(t: Tensor, full_spatial: bool) -> Tensor:
 
 
 def kernel_fn(
-    layer: Layer,
+    layer: KernelLayer,
     x1: Any,
     x2: Any = None,
     get: str | Sequence[str] | None = None,
@@ -515,7 +505,7 @@ def _padded(x: Tensor, side: int) -> Tensor | None:
 
 
 def _tiled(
-    layer: Layer,
+    layer: KernelLayer,
     x1: Tensor,
     x2: Tensor | None,
     need_ntk: bool,

@@ -18,21 +18,16 @@ return lists of shapes, tensors and kernels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from infnets._src.core import inputs as _inputs
-from infnets._src.core.kernel import Kernel, pack_index
-
-Shape = tuple[int, ...]
-Params = Any  # nested tuples / dicts of tensors
-KernelOrList = Kernel | list[Kernel]
-
-#: symmetric problems with at least this many examples use the packed layout
-PACK_MIN_EXAMPLES = 16
+from infnets._src.core.kernel import Kernel
+from infnets._src.core.protocol import FusedStep, KernelTree, Params, ShapeTree
+from infnets._src.evaluate import tiling
 
 
 class Layer:
@@ -40,8 +35,8 @@ class Layer:
 
     # ----------------------------------------------------------- to implement
     def init(
-        self, gen: torch.Generator, in_shape: Any, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Any, Params]:
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         """Sample parameters for input shape ``in_shape``; return ``(out_shape, params)``."""
         return in_shape, ()
 
@@ -49,7 +44,7 @@ class Layer:
         """Run the finite layer on ``x`` (a tensor, or a list for fan-in layers)."""
         raise NotImplementedError
 
-    def kernel(self, k: Any) -> Any:
+    def kernel(self, k: KernelTree) -> KernelTree:
         """Map the input :class:`Kernel` (or list of them) to the output one."""
         raise NotImplementedError
 
@@ -73,7 +68,7 @@ class Layer:
         """
         return out_full
 
-    def kernel_planned(self, k: Any, out_full: Any) -> Any:
+    def kernel_planned(self, k: KernelTree, out_full: Any) -> KernelTree:
         """:meth:`kernel` knowing what follows needs (``None``: keep every layout as is).
 
         Containers (``serial``, ``parallel``) override this to drop pixel pairs as
@@ -81,25 +76,44 @@ class Layer:
         """
         return self.kernel(k)
 
+    # ------------------------------------------------ what evaluation may ask
+    def fused_steps(self) -> Sequence[FusedStep] | None:
+        """This layer as steps of the fully-connected fast path, or ``None`` (no fused form).
+
+        :func:`infnets._src.evaluate.chunks.fc_plan` fuses a network only when every layer
+        declares steps: ``Dense`` in the NTK parameterization an
+        :class:`~infnets._src.core.protocol.Affine` step, the ReLU family and ``Erf`` a
+        :class:`~infnets._src.core.protocol.PairMap`, ``serial`` the steps of its layers.
+        """
+        return None
+
+    def sublayers(self) -> Sequence[Layer]:
+        """The layers this one is made of (containers), else ``()``."""
+        return ()
+
+    def extra_records(self) -> int:
+        """How many records beyond one this layer keeps alive at once (``FanOut``: n - 1)."""
+        return 0
+
     # ----------------------------------------------------------- public API
     @property
-    def init_fn(self):  # type: ignore[no-untyped-def]
+    def init_fn(self) -> Callable[..., tuple[ShapeTree, Params]]:
         """``init_fn(key, input_shape, dtype=None, device=None) -> (out_shape, params)``."""
         return self._init_fn
 
     @property
-    def apply_fn(self):  # type: ignore[no-untyped-def]
+    def apply_fn(self) -> Callable[[Params, Any], Any]:
         """``apply_fn(params, x) -> y``: the finite network."""
         return self.apply
 
     @property
-    def kernel_fn(self):  # type: ignore[no-untyped-def]
+    def kernel_fn(self) -> Callable[..., Any]:
         """``kernel_fn(x1, x2=None, get=None, *, diagonal_spatial=None, memory_budget=None,
         batch_size=None, progress=None)``: the infinite-width kernels (see
         :func:`infnets._src.evaluate.tiling.kernel_fn` for the options)."""
         return self._kernel_fn
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Callable[..., Any]]:
         return iter((self.init_fn, self.apply_fn, self.kernel_fn))
 
     def __call__(self, x1: Any, x2: Any = None, get: Any = None, **options: Any) -> Any:
@@ -125,8 +139,6 @@ class Layer:
             if x2 is not None or get is not None or options:
                 raise ValueError("kernel_fn(kernel): pass a Kernel record alone, without x2/get.")
             return self.kernel(x1)
-        from infnets._src.evaluate import tiling  # spatial inputs, requirements, memory budget
-
         return tiling.kernel_fn(self, x1, x2, get, **options)
 
     def to_module(
@@ -159,54 +171,6 @@ def _as_shape(shape: Any) -> Any:
     if not isinstance(shape, tuple) or not all(isinstance(d, int) for d in shape):
         raise TypeError(f"input_shape must be a tuple of ints such as (-1, 64), got {shape!r}.")
     return shape
-
-
-def input_kernel(x1: Tensor, x2: Tensor | None, need_ntk: bool) -> Kernel:
-    """The kernel of the raw inputs: ``x1 @ x2.T / d`` (d = number of features).
-
-    Args:
-        x1: ``(N1, d)`` inputs.
-        x2: ``(N2, d)`` inputs or ``None`` for ``x2 = x1``.
-        need_ntk: track the NTK (zero for the inputs, which have no parameters).
-
-    Returns:
-        The input :class:`Kernel`; symmetric problems of at least
-        ``PACK_MIN_EXAMPLES`` examples use the packed layout.
-    """
-    if x1.ndim != 2:
-        raise ValueError(
-            f"x1 has shape {tuple(x1.shape)}; fully-connected networks take (N, features) "
-            "inputs. Flatten with x.reshape(len(x), -1)."
-        )
-    d = x1.shape[-1]
-    cov1 = (x1 * x1).sum(-1) / d
-    n1 = x1.shape[0]
-    if x2 is None:
-        nngp = x1 @ x1.T
-        nngp = nngp.add(nngp.T).mul_(0.5 / d)  # exactly symmetric
-        # the variances are the Gram matrix's own diagonal, bit for bit: every kernel
-        # map then sees correlation exactly 1 on diagonal pairs, where maps such as
-        # sqrt(1 - rho^2) would turn a rounding error e into an error sqrt(e)
-        cov1 = nngp.diagonal().clone()
-        n2, cov2, index = n1, None, None
-        if n1 >= PACK_MIN_EXAMPLES:
-            index = pack_index(n1, x1.device)
-            nngp = nngp[index[0], index[1]]
-    else:
-        nngp = x1 @ x2.T / d
-        n2, cov2, index = x2.shape[0], (x2 * x2).sum(-1) / d, None
-    return Kernel(
-        nngp=nngp,
-        ntk=torch.zeros_like(nngp) if need_ntk else None,
-        cov1=cov1,
-        cov2=cov2,
-        shape1=tuple(x1.shape),
-        shape2=(n2,) + tuple(x1.shape[1:]),
-        is_gaussian=False,
-        pair_index=index,
-        n1=n1,
-        n2=n2,
-    )
 
 
 # ------------------------------------------------------------------ nn.Module
@@ -335,3 +299,9 @@ def as_layer_list(layers: Sequence[Any], who: str) -> list[Layer]:
                 "build layers with infnets.stax (e.g. stax.Dense(512))."
             )
     return out
+
+
+if TYPE_CHECKING:  # the base class satisfies the protocol the evaluation engine relies on
+    from infnets._src.core.protocol import KernelLayer
+
+    _PROTOCOL: KernelLayer = Layer()

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from infnets._src.core.kernel import Kernel
-from infnets._src.layers.base import Layer, Params, adapt_spatial, as_layer_list
+from infnets._src.core.protocol import FusedStep, Params
+from infnets._src.layers.base import Layer, adapt_spatial, as_layer_list
 
 __all__ = [
     "serial",
@@ -43,6 +44,18 @@ class Serial(Layer):
 
     def __repr__(self) -> str:
         return "serial(" + ", ".join(map(repr, self.layers)) + ")"
+
+    def sublayers(self) -> tuple[Layer, ...]:
+        return self.layers
+
+    def fused_steps(self) -> list[FusedStep] | None:
+        steps: list[FusedStep] = []
+        for layer in self.layers:
+            own = layer.fused_steps()
+            if own is None:
+                return None
+            steps.extend(own)
+        return steps
 
     def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
         params = []
@@ -112,6 +125,9 @@ class Parallel(Layer):
 
     def __repr__(self) -> str:
         return "parallel(" + ", ".join(map(repr, self.layers)) + ")"
+
+    def sublayers(self) -> tuple[Layer, ...]:
+        return self.layers
 
     def _check(self, xs: Any, what: str) -> list[Any]:
         if not isinstance(xs, list):
@@ -190,6 +206,9 @@ class FanOut(Layer):
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"FanOut: n must be an int >= 1, got {self.n!r}.")
+
+    def extra_records(self) -> int:
+        return self.n - 1
 
     def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
         _single(in_shape, self, "input shape")

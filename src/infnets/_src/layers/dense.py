@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from infnets._src.core import inputs as _inputs
-from infnets._src.layers.base import Layer, Params
+from infnets._src.core.protocol import Affine, FusedStep, Params
+from infnets._src.layers.base import Layer
 
 __all__ = ["Dense"]
 
@@ -72,6 +73,16 @@ class Dense(Layer):
             self, "b_std", _inputs.check_std(self.b_std, "Dense: b_std", allow_none=True)
         )
         check_parameterization(self.parameterization, "Dense")
+
+    def fused_steps(self) -> list[FusedStep] | None:
+        """One :class:`~infnets._src.core.protocol.Affine` step in the NTK parameterization
+        with float hyper-parameters (tensor hyper-parameters keep the layer-by-layer path)."""
+        w, b = self.W_std, self.b_std
+        if self.parameterization != "ntk" or not isinstance(w, (int, float)):
+            return None
+        if b is not None and not isinstance(b, (int, float)):
+            return None
+        return [Affine(float(w) ** 2, 0.0 if b is None else float(b) ** 2)]
 
     # ----------------------------------------------------------------- finite
     def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]

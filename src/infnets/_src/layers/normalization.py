@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from infnets._src.core import inputs as _inputs
-from infnets._src.layers.base import Layer, Params
+from infnets._src.core.protocol import Params
+from infnets._src.layers.base import Layer
 
 __all__ = ["LayerNorm"]
 

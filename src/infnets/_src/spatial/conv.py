@@ -38,8 +38,9 @@ from torch import Tensor
 from infnets._src.core import inputs as _inputs
 from infnets._src.core import safe_math as sm
 from infnets._src.core.kernel import alloc_like, is_zero_ntk
+from infnets._src.core.protocol import Params
 from infnets._src.evaluate import compiled
-from infnets._src.layers.base import Layer, Params
+from infnets._src.layers.base import Layer
 from infnets._src.layers.dense import check_parameterization
 
 __all__ = [

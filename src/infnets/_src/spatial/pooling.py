@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infnets._src.core.kernel import Kernel, spatial_diagonal
-from infnets._src.layers.base import Layer, Params
+from infnets._src.core.protocol import Params
+from infnets._src.layers.base import Layer
 from infnets._src.spatial.conv import (
     AxisGeometry,
     _ints,
