@@ -12,27 +12,11 @@ Every layer unpacks into ``(init_fn, apply_fn, kernel_fn)``::
 """
 
 from infnets._src.core.kernel import Kernel
-from infnets._src.elementwise.closed_forms import (
-    ABRelu,
-    Abs,
-    Cos,
-    ElementwiseLayer,
-    Erf,
-    Exp,
-    Gaussian,
-    Gelu,
-    Hermite,
-    LeakyRelu,
-    Monomial,
-    Polynomial,
-    Rbf,
-    RectifiedMonomial,
-    Relu,
-    Sigmoid_like,
-    Sign,
-    Sin,
-)
+from infnets._src.elementwise.base import ElementwiseLayer
 from infnets._src.elementwise.numerical import Elementwise, ElementwiseNumerical
+from infnets._src.elementwise.polynomial import Hermite, Monomial, Polynomial
+from infnets._src.elementwise.rectified import ABRelu, Abs, LeakyRelu, RectifiedMonomial, Relu, Sign
+from infnets._src.elementwise.smooth import Cos, Erf, Exp, Gaussian, Gelu, Rbf, Sigmoid_like, Sin
 from infnets._src.layers.base import Layer, StaxModule
 from infnets._src.layers.combinators import (
     FanInConcat,
