@@ -14,7 +14,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import infnets._src.empirical.chunking as C
 import infnets._src.empirical.ntk as E
+import infnets._src.empirical.structured as S
 from infnets._src.empirical.chain import chain_of
 from infnets.empirical import empirical_ntk_fn
 from test_empirical import conv_variants, reference_ntk
@@ -150,13 +152,13 @@ def test_factored_readout(monkeypatch, name, trace, diag) -> None:
     if 0 in diag:
         x2 = x1.flip(0)
     calls = []
-    inner = E._contract_factored
+    inner = S._contract_factored
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(args[0][0].rule.name)
         return inner(*args, **kwargs)
 
-    monkeypatch.setattr(E, "_contract_factored", counted)
+    monkeypatch.setattr(S, "_contract_factored", counted)
     k = empirical_ntk_fn(model, trace, diag, implementation="structured")(x1, x2)
     assert calls == ["2"]  # the last convolution only: the first one is reached mixed
     torch.testing.assert_close(k, reference_ntk(model, x1, x2, trace, diag), **TOL)
@@ -205,9 +207,9 @@ def test_chain_output_chunk_policy(monkeypatch) -> None:
     assert f.plan(x1, x2).output_chunks == 1
     # largest layer output 4 x 6 x 6 doubles per example and unit, both sides: 3 + 2 examples
     per_unit = 2 * (3 + 2) * 4 * 36 * 8
-    monkeypatch.setattr(E, "CHAIN_CHUNK_BYTES", per_unit)
+    monkeypatch.setattr(C, "CHAIN_CHUNK_BYTES", per_unit)
     assert f.plan(x1, x2).output_chunks == 3  # one unit per chunk
-    monkeypatch.setattr(E, "CHAIN_CHUNK_BYTES", 2 * per_unit)
+    monkeypatch.setattr(C, "CHAIN_CHUNK_BYTES", 2 * per_unit)
     assert f.plan(x1, x2).output_chunks == 2
     torch.testing.assert_close(f(x1, x2), reference_ntk(model, x1, x2), **TOL)
     free = empirical_ntk_fn(model, trace_axes=(), implementation="structured")

@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import infnets._src.empirical.chunking as C
 import infnets._src.empirical.ntk as E
+import infnets._src.empirical.structured as S
 from infnets.empirical import empirical_ntk_fn
 from test_empirical import conv_variants, make_model, reference_ntk
 
@@ -146,12 +148,12 @@ def test_models_with_fallback_parameters_are_not_chunked(force_chunks) -> None:
 
 
 # ---------------------------------------------------------------------------- policy
-def _dense_layers(widths: list[int], n_out: int, dtype: torch.dtype) -> dict[str, E.LayerShape]:
+def _dense_layers(widths: list[int], n_out: int, dtype: torch.dtype) -> dict[str, S.LayerShape]:
     layers = {}
     dims = widths + [n_out]
     for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
         rule = E.LayerRule(str(i), nn.Linear(1, 1), 0, f"{i}.weight", f"{i}.bias")
-        layers[str(i)] = E.LayerShape(rule, (1, d_out), dtype, 1, 1, d_in, d_out)
+        layers[str(i)] = S.LayerShape(rule, (1, d_out), dtype, 1, 1, d_in, d_out)
     return layers
 
 
@@ -169,7 +171,7 @@ def test_output_chunk_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     # two different blocks: both sides' cotangents count (15 MiB), but then 16 examples
     # need 12 units per chunk for 192 rows
     assert E.output_chunks(layers, layers, 16, 16, 10, False, ax16) == 1
-    monkeypatch.setattr(E, "OUTPUT_CHUNK_MIN_ROWS", 32)
+    monkeypatch.setattr(C, "OUTPUT_CHUNK_MIN_ROWS", 32)
     assert E.output_chunks(layers, layers, 16, 16, 10, False, ax16) == 2
     monkeypatch.undo()
     # float32 halves the bytes
@@ -190,12 +192,12 @@ def test_output_chunk_policy_on_a_real_model(monkeypatch: pytest.MonkeyPatch) ->
         nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
     ).double()
     x = torch.randn(64, 8, dtype=DT)
-    monkeypatch.setattr(E, "OUTPUT_CHUNK_BYTES", 2**18)  # 64 * 522 * 8 B per unit, 2.7 MB
+    monkeypatch.setattr(C, "OUTPUT_CHUNK_BYTES", 2**18)  # 64 * 522 * 8 B per unit, 2.7 MB
     fn = empirical_ntk_fn(model)
     assert fn.plan(x).implementation == "structured"
     assert fn.plan(x).output_chunks == 3  # 11 wanted, >= 192 rows of 64 examples -> 3
     k = fn(x)
-    monkeypatch.setattr(E, "OUTPUT_CHUNK_BYTES", 2**40)
+    monkeypatch.setattr(C, "OUTPUT_CHUNK_BYTES", 2**40)
     assert fn.plan(x).output_chunks == 1
     torch.testing.assert_close(k, fn(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(
@@ -224,7 +226,7 @@ def test_convolutions_are_not_chunked_by_default() -> None:
 def test_forced_contraction_forms(monkeypatch, force_chunks, form: str, conv, k: int) -> None:
     """Each structured layer's weight block by either exact form, in one or two chunks."""
     big = float("inf")
-    monkeypatch.setattr(E, "layer_costs", lambda *a: (0.0, big) if form == "gram" else (big, 0.0))
+    monkeypatch.setattr(S, "layer_costs", lambda *a: (0.0, big) if form == "gram" else (big, 0.0))
     force_chunks(k)
     torch.manual_seed(5)
     d = conv.weight.ndim - 2
