@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from infnets._src.core.kernel import Kernel
-from infnets._src.core.protocol import FusedStep, Params
+from infnets._src.core.protocol import FusedStep, Params, ShapeTree
 from infnets._src.layers.base import Layer, adapt_spatial, as_layer_list
 
 __all__ = [
@@ -57,7 +57,9 @@ class Serial(Layer):
             steps.extend(own)
         return steps
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         params = []
         shape = in_shape
         for layer in self.layers:
@@ -142,7 +144,9 @@ class Parallel(Layer):
             )
         return xs
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         shapes = self._check(in_shape, "input shape")
         outs = [layer.init(gen, s, dtype, device) for layer, s in zip(self.layers, shapes)]
         return [o[0] for o in outs], tuple(o[1] for o in outs)
@@ -210,7 +214,9 @@ class FanOut(Layer):
     def extra_records(self) -> int:
         return self.n - 1
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         _single(in_shape, self, "input shape")
         return [in_shape] * self.n, ()
 
@@ -350,7 +356,9 @@ class FanInSum(Layer):
     other sums raise a ``ValueError`` rather than return a wrong kernel.
     """
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         return _same_shape_init(in_shape, self)
 
     def apply(self, params: Params, x: Any) -> Any:
@@ -381,7 +389,9 @@ class FanInProd(Layer):
     of Gaussians is not Gaussian, so a nonlinearity may not follow it directly.
     """
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         return _same_shape_init(in_shape, self)
 
     def apply(self, params: Params, x: Any) -> Any:
@@ -453,7 +463,9 @@ class FanInConcat(Layer):
             )
         return axis
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         shapes = _branches(in_shape, self, "input shape")
         axis = self._axis(len(shapes[0]))
         _same_shapes([s[:axis] + s[axis + 1 :] for s in shapes], self)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from infnets._src.core import inputs as _inputs
-from infnets._src.core.protocol import Affine, FusedStep, Params
+from infnets._src.core.protocol import Affine, FusedStep, Params, ShapeTree
 from infnets._src.layers.base import Layer
 
 __all__ = ["Dense"]
@@ -85,7 +85,9 @@ class Dense(Layer):
         return [Affine(float(w) ** 2, 0.0 if b is None else float(b) ** 2)]
 
     # ----------------------------------------------------------------- finite
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         if isinstance(in_shape, list):
             raise ValueError(f"{self!r} received {len(in_shape)} branches; join them first.")
         n_in = in_shape[-1]

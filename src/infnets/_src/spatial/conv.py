@@ -38,7 +38,7 @@ from torch import Tensor
 from infnets._src.core import inputs as _inputs
 from infnets._src.core import safe_math as sm
 from infnets._src.core.kernel import alloc_like, is_zero_ntk
-from infnets._src.core.protocol import Params
+from infnets._src.core.protocol import Params, ShapeTree
 from infnets._src.evaluate import compiled
 from infnets._src.layers.base import Layer
 from infnets._src.layers.dense import check_parameterization
@@ -437,7 +437,9 @@ class Conv(Layer):
         ]
 
     # ----------------------------------------------------------------- finite
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         if isinstance(in_shape, list):
             raise ValueError(f"{self!r} received {len(in_shape)} branches; join them first.")
         check_spatial_rank(len(in_shape), self.ndim, repr(self), in_shape)

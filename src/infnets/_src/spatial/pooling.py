@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infnets._src.core.kernel import Kernel, spatial_diagonal
-from infnets._src.core.protocol import Params
+from infnets._src.core.protocol import Params, ShapeTree
 from infnets._src.layers.base import Layer
 from infnets._src.spatial.conv import (
     AxisGeometry,
@@ -109,7 +109,9 @@ class _Pool(Layer):
         return True
 
     # ----------------------------------------------------------------- finite
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         _single(self, in_shape)
         check_spatial_rank(len(in_shape), self.ndim, repr(self), in_shape)
         geoms = self.geometry(tuple(in_shape[2:]))
@@ -259,7 +261,9 @@ class _GlobalPool(Layer):
     def spatial_requirement(self, out_full: Any) -> Any:
         return True
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         _single(self, in_shape)
         _spatial(self, in_shape)
         return tuple(in_shape[:2]), ()
@@ -340,7 +344,9 @@ class Flatten(Layer):
     def spatial_requirement(self, out_full: Any) -> Any:
         return False
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         _single(self, in_shape)
         if len(in_shape) <= 2:
             return tuple(in_shape), ()
