@@ -322,14 +322,18 @@ def zero_ntk(like: Tensor) -> Tensor:
 
 
 def is_zero_ntk(t: Tensor | None) -> bool:
-    """Whether ``t`` is a :func:`zero_ntk` view (every stride 0, one zero stored)."""
-    return (
-        t is not None
-        and t.numel() > 1
-        and not any(t.stride())
-        and t.untyped_storage().nbytes() == t.element_size()
-        and not bool(t[(0,) * t.ndim])
-    )
+    """Whether ``t`` is a :func:`zero_ntk` view (every stride 0, one zero stored).
+
+    Tensors of ``torch.func`` transforms (``grad``, ``vmap``) hide their storage; they are
+    treated as ordinary tensors (exact, without the shortcut).
+    """
+    if t is None or t.numel() <= 1 or any(t.stride()):
+        return False
+    try:
+        stored = t.untyped_storage().nbytes()
+    except NotImplementedError:  # a functorch wrapper
+        return False
+    return stored == t.element_size() and not bool(t[(0,) * t.ndim])
 
 
 def alloc_like(like: Tensor, shape: Sequence[int]) -> Tensor:

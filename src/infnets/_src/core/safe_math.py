@@ -12,6 +12,7 @@ formulas are written with differentiable torch ops, so double backward works.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,25 +45,35 @@ def _inv_sqrt1m(x: Tensor) -> Tensor:
 
 
 class _ArcSin(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
         return torch.asin(x)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         return g * _inv_sqrt1m(x)
 
 
 class _Sqrt1m(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
         return torch.sqrt(torch.clamp(1 - x * x, min=0))
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         return -g * x * _inv_sqrt1m(x)
 
@@ -70,13 +81,18 @@ class _Sqrt1m(torch.autograd.Function):
 class _ArccosJ1(torch.autograd.Function):
     """``sqrt(1 - x^2) + x arcsin(x)``, whose derivative is exactly ``arcsin(x)``."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
         return torch.sqrt(torch.clamp(1 - x * x, min=0)) + x * torch.asin(x)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         return g * arcsin(x)
 
