@@ -1,4 +1,4 @@
-"""Kernel evaluation: from ``kernel_fn(x1, x2, get)`` to the layers' kernel maps, fast and in budget.
+"""Kernel evaluation: from ``kernel_fn(x1, x2, get)`` to the layers' kernel maps, in budget.
 
 * :mod:`.tiling`: the entry point behind every ``kernel_fn``: input checks, spatial planning,
   memory-budgeted tiles on a thread pool, assembly of the output;
