@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-INSTALL_AND_DEMO = "pip install torch==2.13.0 && pip install -e . && infnets demo"
+INSTALL_AND_DEMO = 'pip install torch==2.13.0 && pip install -e ".[demo]" && infnets demo'
 INSTALL_AND_TEST = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
 
 

@@ -28,11 +28,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import gpytorch
 import torch
-from gpytorch.constraints import Interval, Positive
-from gpytorch.priors import Prior
 from torch import Tensor
+
+try:
+    import gpytorch
+    from gpytorch.constraints import Interval, Positive
+    from gpytorch.priors import Prior
+except ImportError as err:  # pragma: no cover - exercised without the extra
+    raise ImportError(
+        "infnets.gpytorch needs GPyTorch: pip install 'infnets[gpytorch]' (or gpytorch)."
+    ) from err
 
 from infnets._src.layers import hyper as lh
 from infnets._src.layers.base import Layer

@@ -38,11 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.special import log_ndtr
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.gaussian_process.kernels import Hyperparameter, Kernel
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
+
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.gaussian_process.kernels import Hyperparameter, Kernel
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import check_is_fitted
+except ImportError as err:  # pragma: no cover - exercised without the extra
+    raise ImportError(
+        "infnets.sklearn needs scikit-learn: pip install 'infnets[sklearn]' (or scikit-learn)."
+    ) from err
 
 from infnets import predict, stax
 from infnets._src.layers import hyper as lh
