@@ -9,6 +9,8 @@ Every layer unpacks into ``(init_fn, apply_fn, kernel_fn)``::
     k = kernel_fn(x_train, x_test, ('nngp', 'ntk'))   # k.nngp, k.ntk: (N1, N2)
     out_shape, params = init_fn(0, (-1, 64))          # a finite network
     y = apply_fn(params, x_train)
+
+Your own ``torch.nn.Module``: ``net = stax.from_torch(model, x)`` (see :func:`from_torch`).
 """
 
 from infnets._src.combinators import (
@@ -45,6 +47,14 @@ from infnets._src.elementwise import (
     Sin,
 )
 from infnets._src.elementwise_numerical import Elementwise, ElementwiseNumerical
+from infnets._src.from_torch import (
+    FromTorchError,
+    NotYetSupportedError,
+    TorchGraph,
+    from_torch,
+    params_from,
+    reinit_fns,
+)
 from infnets._src.kernel import Kernel
 from infnets._src.layer import Layer, StaxModule
 from infnets._src.normalization import LayerNorm
@@ -67,6 +77,7 @@ __all__ = [
     "FanInSum",
     "FanOut",
     "Flatten",
+    "FromTorchError",
     "Gaussian",
     "Gelu",
     "GlobalAvgPool",
@@ -78,6 +89,7 @@ __all__ = [
     "LayerNorm",
     "LeakyRelu",
     "Monomial",
+    "NotYetSupportedError",
     "Parallel",
     "Polynomial",
     "Rbf",
@@ -89,6 +101,10 @@ __all__ = [
     "Sin",
     "StaxModule",
     "SumPool",
+    "TorchGraph",
+    "from_torch",
     "parallel",
+    "params_from",
+    "reinit_fns",
     "serial",
 ]
