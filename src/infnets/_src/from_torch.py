@@ -371,8 +371,35 @@ def _ends_in_gain(layer: Layer) -> bool:
     return bool(kids) and _ends_in_gain(kids[-1])
 
 
+def _refuse_early(gm: fx.GraphModule, options: Options) -> None:
+    """Refuse unknown and refused operations before running the model on the example."""
+    for fx_node in gm.graph.nodes:
+        if fx_node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        target, label, module_name = _label(fx_node, gm)
+        converter = find_converter(target)
+        if converter is None or getattr(converter, "refusal", False):
+            op = Op(
+                fx_node,
+                target,
+                label,
+                module_name,
+                tuple(fx_node.args),
+                dict(fx_node.kwargs),
+                _where(fx_node),
+                options,
+                {},
+                set(),
+            )
+            if converter is None:
+                raise op.refuse("no infinite-width conversion is known for this operation.")
+            converter(op)
+
+
 def _convert(model: nn.Module, example: Tensor | None, options: Options) -> TorchGraph:
-    gm = _trace(model)
+    wrapped = find_converter(model) is not None  # a registered module type as the model
+    gm = _trace(nn.Sequential(model) if wrapped else model)
+    _refuse_early(gm, options)
     shapes = _shapes(gm, example)
     value_of: dict[fx.Node, int] = {}
     meta: set[fx.Node] = set()
@@ -422,9 +449,8 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
         if module_name is not None and any(True for _ in target.parameters()):
             if module_name in called:
                 raise op.refuse(
-                    f"module {module_name!r} is called twice (shared weights, also at "
-                    f"{called[module_name]}); the infinite-width kernel of weight sharing "
-                    "is not modelled."
+                    f"module {module_name!r} is called a second time (shared weights); the "
+                    "infinite-width kernel of weight sharing is not modelled."
                 )
             called[module_name] = where or fx_node.name
         converter = find_converter(target)
@@ -475,6 +501,8 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
                 ),
             )
         module = module_name if res.reader is not None else None
+        if wrapped and module is not None:  # the user's model is submodule "0"
+            module = module[2:]
         nodes.append(GraphNode(fx_node.name, layer, tuple(ins), label, where, module, res.reader))
         value_of[fx_node] = len(nodes)
         if isinstance(layer, comb.FanInSum):

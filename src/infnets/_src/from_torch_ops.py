@@ -685,6 +685,7 @@ def _refuse(reason: str, cls: type[FromTorchError] = FromTorchError) -> Converte
     def convert(op: Op) -> Any:
         raise op.refuse(reason, cls)
 
+    convert.refusal = True  # type: ignore[attr-defined]
     return convert
 
 
