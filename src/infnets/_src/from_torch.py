@@ -434,6 +434,8 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
             output = value_of[out]
             continue
         target, label, module_name = _label(fx_node, gm)
+        if wrapped and module_name is not None:  # the user's model is submodule "0"
+            module_name = module_name[2:]
         op = Op(
             fx_node,
             target,
@@ -501,8 +503,6 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
                 ),
             )
         module = module_name if res.reader is not None else None
-        if wrapped and module is not None:  # the user's model is submodule "0"
-            module = module[2:]
         nodes.append(GraphNode(fx_node.name, layer, tuple(ins), label, where, module, res.reader))
         value_of[fx_node] = len(nodes)
         if isinstance(layer, comb.FanInSum):
