@@ -447,3 +447,19 @@ def test_shape_dependent_conversions_ask_for_an_example():
     net = stax.from_torch(model, IMG)
     with pytest.raises(ValueError, match="example"):
         net.kernel_fn(torch.randn(2, 2, 5, 5), None, "nngp")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "infnets._src.from_torch",
+        "infnets._src.from_torch_layers",
+        "infnets._src.from_torch_registry",
+    ],
+)
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
