@@ -9,8 +9,18 @@ Every layer unpacks into ``(init_fn, apply_fn, kernel_fn)``::
     k = kernel_fn(x_train, x_test, ('nngp', 'ntk'))   # k.nngp, k.ntk: (N1, N2)
     out_shape, params = init_fn(0, (-1, 64))          # a finite network
     y = apply_fn(params, x_train)
+
+Your own ``torch.nn.Module``: ``net = stax.from_torch(model, x)`` (see :func:`from_torch`).
 """
 
+from infnets._src.convert.from_torch import (
+    FromTorchError,
+    NotYetSupportedError,
+    TorchGraph,
+    from_torch,
+    params_from,
+    reinit_fns,
+)
 from infnets._src.core.kernel import Kernel
 from infnets._src.elementwise.base import ElementwiseLayer
 from infnets._src.elementwise.numerical import Elementwise, ElementwiseNumerical
@@ -51,6 +61,7 @@ __all__ = [
     "FanInSum",
     "FanOut",
     "Flatten",
+    "FromTorchError",
     "Gaussian",
     "Gelu",
     "GlobalAvgPool",
@@ -62,6 +73,7 @@ __all__ = [
     "LayerNorm",
     "LeakyRelu",
     "Monomial",
+    "NotYetSupportedError",
     "Parallel",
     "Polynomial",
     "Rbf",
@@ -73,6 +85,10 @@ __all__ = [
     "Sin",
     "StaxModule",
     "SumPool",
+    "TorchGraph",
+    "from_torch",
     "parallel",
+    "params_from",
+    "reinit_fns",
     "serial",
 ]

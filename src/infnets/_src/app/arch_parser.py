@@ -37,7 +37,20 @@ MAX_SOURCE_CHARS = 100_000
 MAX_DEPTH = 64
 
 #: names of ``infnets.stax.__all__`` that are not layer constructors
-_NOT_LAYERS = frozenset({"Kernel", "Layer", "StaxModule", "ElementwiseLayer"})
+_NOT_LAYERS = frozenset(
+    {
+        "Kernel",
+        "Layer",
+        "StaxModule",
+        "ElementwiseLayer",
+        "TorchGraph",
+        "FromTorchError",
+        "NotYetSupportedError",
+        "from_torch",
+        "params_from",
+        "reinit_fns",
+    }
+)
 
 
 class ArchError(ValueError):
