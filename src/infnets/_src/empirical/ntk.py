@@ -84,6 +84,8 @@ from infnets._src.empirical.structured import (
 )
 
 IMPLEMENTATIONS = ("auto", "jacobian_contraction", "ntk_vector_products", "structured")
+"""The values of ``implementation``: ``'auto'`` picks the cheapest of the three exact
+algorithms for the actual shapes (see the module docstring of :mod:`infnets.empirical`)."""
 #: structured path: use the hand-written backward pass of :mod:`empirical_chain` for models
 #: that are chains of per-example layers (``False``: always ``vmap(jacrev)``)
 CHAIN = True
