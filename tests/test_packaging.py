@@ -19,6 +19,8 @@ def test_core_import_pulls_no_optional_dependency() -> None:
         "from infnets import stax, predict, empirical\n"
         "net = stax.serial(stax.Dense(8), stax.Relu(), stax.Dense(1))\n"
         "net.kernel_fn(torch.ones(20, 3), None, 'ntk')\n"
+        "from infnets._src.evaluate import chunks\n"
+        "assert not chunks._HEAP_TUNED[0], 'process-wide malloc tuning without tiled work'\n"
         f"print(sorted(m for m in {OPTIONAL!r} if m in sys.modules))\n"
     )
     out = subprocess.run(

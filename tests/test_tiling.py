@@ -263,3 +263,29 @@ def test_bad_tiling_arguments():
 def test_docstring_examples():
     result = doctest.testmod(tiling, optionflags=doctest.ELLIPSIS, extraglobs={"torch": torch})
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_heap_tuning_is_lazy_and_opt_out(monkeypatch):
+    """``mallopt`` is called only by tiled work, once, and never with INFNETS_TUNE_HEAP=0."""
+    calls = []
+
+    class Libc:
+        def malloc_trim(self, pad):
+            return 1
+
+        def mallopt(self, param, value):
+            calls.append(param)
+            return 1
+
+    monkeypatch.setattr(chunks, "_LIBC", Libc())
+    monkeypatch.setattr(chunks, "_HEAP_TUNED", [False])
+    net, x = _gap_net(), _x((6, 1, 4, 5))
+    net.kernel_fn(x, None, "nngp")  # one tile: no tuning
+    assert calls == []
+    monkeypatch.setenv("INFNETS_TUNE_HEAP", "0")
+    net.kernel_fn(x, None, "nngp", batch_size=2)
+    assert calls == []
+    monkeypatch.delenv("INFNETS_TUNE_HEAP")
+    net.kernel_fn(x, None, "nngp", batch_size=2)
+    net.kernel_fn(x, None, "nngp", batch_size=3)
+    assert len(calls) == 3  # three parameters, set once per process

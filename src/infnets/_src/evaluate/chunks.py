@@ -300,6 +300,8 @@ HEAP_KEEP_BYTES = 1 << 30
 #: free memory each thread's heap keeps when it shrinks (glibc ``M_TOP_PAD``)
 HEAP_PAD_BYTES = 64 << 20
 _HEAP_TUNED = [False]
+#: environment variable that opts out of :func:`tune_heap` (``0``, ``false``, ``no``, ``off``)
+TUNE_HEAP_ENV = "INFNETS_TUNE_HEAP"
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -315,11 +317,15 @@ def tune_heap() -> None:
     :data:`HEAP_PAD_BYTES` free at the top of each heap and trimming the main
     heap only above :data:`HEAP_KEEP_BYTES` removes them (0.85 s, ~0 faults).
     This process-wide glibc setting is made once, on the first tiled CPU
-    computation; :class:`Heap` still returns memory whenever the resident size
-    grows by more than :data:`HEAP_KEEP_BYTES` during a run.
+    computation (never on import, never for work that needs no tiles or blocks);
+    :class:`Heap` still returns memory whenever the resident size grows by more than
+    :data:`HEAP_KEEP_BYTES` during a run. Setting the environment variable
+    ``INFNETS_TUNE_HEAP=0`` opts out (for applications that tune ``malloc`` themselves).
     """
     if _LIBC is None or _HEAP_TUNED[0]:
         return
+    if os.environ.get(TUNE_HEAP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return  # opted out: glibc's defaults stay (checked on each call, never latched)
     _HEAP_TUNED[0] = True
     _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
     _LIBC.mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES)
