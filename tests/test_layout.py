@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "elementwise": {"core", "evaluate", "layers"},
     "attention": {"core", "evaluate", "layers", "spatial", "elementwise"},
     "convert": {"core", "evaluate", "layers", "spatial", "elementwise", "attention", "empirical"},
+    "features": {"core", "layers", "elementwise"},
     "predict": {"core"},
     "empirical": {"core"},
     "scale": {"core", "evaluate", "layers", "predict"},
