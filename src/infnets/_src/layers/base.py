@@ -217,6 +217,23 @@ def _from_modules(template: Params, module: Any) -> Params:
     return template
 
 
+def _freeze(layer: Layer, template: Params, module: Any) -> None:
+    """``requires_grad=False`` on the parameters of layers marked ``frozen`` (``stax.Frozen``).
+
+    Containers' params are tuples aligned with :meth:`Layer.sublayers`, so the walk follows
+    both trees together.
+    """
+    if getattr(layer, "frozen", False):
+        if isinstance(module, nn.Module):
+            for p in module.parameters():
+                p.requires_grad_(False)
+        return
+    kids = layer.sublayers()
+    if kids and isinstance(template, (tuple, list)) and len(template) == len(kids):
+        for kid, sub, child in zip(kids, template, module):
+            _freeze(kid, sub, child)
+
+
 class StaxModule(nn.Module):
     """A finite infnets network as a ``torch.nn.Module``.
 
@@ -238,6 +255,7 @@ class StaxModule(nn.Module):
         self.output_shape = output_shape
         self._template = params
         self.params = _to_modules(params)
+        _freeze(layer, params, self.params)
 
     @property
     def stax_params(self) -> Params:
