@@ -124,8 +124,9 @@ class Index(Layer):
                 continue
             if isinstance(e, int):
                 if not -n <= e < n:
-                    raise IndexError(f"{self!r}: index {e} is out of range for axis {axis} "
-                                     f"of size {n}.")
+                    raise IndexError(
+                        f"{self!r}: index {e} is out of range for axis {axis} of size {n}."
+                    )
             elif len(range(n)[e]) == 0:
                 raise ValueError(f"{self!r}: {e} selects nothing from axis {axis} of size {n}.")
         return tuple(entries)

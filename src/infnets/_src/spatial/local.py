@@ -148,7 +148,8 @@ class ConvLocal(Layer):
             w = w * (float(self.W_std) / math.sqrt(c_in * math.prod(self.filter_shape)))
         params["W"] = w
         if self.b_std is not None:
-            b = torch.randn((self.out_chan,) + out_spatial, generator=gen, dtype=dtype, device=device)
+            b_shape = (self.out_chan,) + out_spatial
+            b = torch.randn(b_shape, generator=gen, dtype=dtype, device=device)
             params["b"] = b * float(self.b_std) if self.parameterization == "standard" else b
         return (in_shape[0], self.out_chan) + out_spatial, params
 

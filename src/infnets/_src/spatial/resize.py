@@ -18,7 +18,6 @@ need the full pixel-pair covariance of their input.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
