@@ -97,7 +97,7 @@ class Elementwise(ElementwiseLayer):
         tensor([[3.]])
         >>> kernel_only = stax.Elementwise(nngp_fn=lambda c, a, b: a * b + 2 * c**2)
         >>> stax.serial(stax.Dense(1), kernel_only).kernel_fn(torch.ones(1, 3), None, 'ntk')
-        tensor([[5.]])
+        tensor([[4.]])
     """
 
     def __init__(

@@ -4,7 +4,8 @@ The finite network draws independent parameters for each of the ``n`` applicatio
 it is ``serial(layer, ..., layer)``; its kernel applies the layer's kernel map ``n``
 times in a loop, without building ``n`` layer objects (the kernel of a composition is the
 composition of the kernel maps; Lee et al. 2018, "Deep neural networks as Gaussian
-processes", eq. 4). The layer must keep the shape of its input.
+processes", eq. 4). From its second application on, the layer must keep the shape of its
+input (the first may change it, e.g. the width).
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ class Repeat(Layer):
     ) -> tuple[ShapeTree, Params]:
         params = []
         shape = in_shape
-        for _ in range(self.n):
+        for i in range(self.n):
             out, p = self.layer.init(gen, shape, dtype, device)
-            if out != shape:
+            if i and out != shape:
                 raise ValueError(
                     f"{self!r}: the layer maps shape {shape} to {out}, but repeat needs a "
-                    "layer that keeps its input's shape; use serial(...) for layers that "
-                    "change it."
+                    "layer that keeps its input's shape (from its second application on); "
+                    "use serial(...) for layers that change it."
                 )
+            shape = out
             params.append(p)
         return shape, tuple(params)
 
@@ -97,7 +99,8 @@ def repeat(layer: Layer, n: int) -> Repeat:
     the kernel loops over one layer object instead of unrolling ``n`` of them.
 
     Args:
-        layer: an infnets layer that keeps its input's shape (e.g. a residual block).
+        layer: an infnets layer whose output shape is a fixed point (e.g. a residual
+            block, or ``serial(Conv(64, (3,), padding='SAME'), Relu())``).
         n: number of applications, >= 1.
 
     Returns:
