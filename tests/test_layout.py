@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "layers": {"core", "evaluate"},
     "spatial": {"core", "evaluate", "layers"},
     "elementwise": {"core", "evaluate", "layers"},
+    "graph": {"core", "evaluate", "layers"},
     "attention": {"core", "evaluate", "layers", "spatial", "elementwise"},
     "convert": {"core", "evaluate", "layers", "spatial", "elementwise", "attention", "empirical"},
     "features": {"core", "layers", "elementwise"},

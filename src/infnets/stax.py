@@ -23,10 +23,22 @@ from infnets._src.convert.from_torch import (
 )
 from infnets._src.core.kernel import Kernel
 from infnets._src.elementwise.base import ElementwiseLayer
+from infnets._src.elementwise.normalized import ExpNormalized
 from infnets._src.elementwise.numerical import Elementwise, ElementwiseNumerical
 from infnets._src.elementwise.polynomial import Hermite, Monomial, Polynomial
 from infnets._src.elementwise.rectified import ABRelu, Abs, LeakyRelu, RectifiedMonomial, Relu, Sign
-from infnets._src.elementwise.smooth import Cos, Erf, Exp, Gaussian, Gelu, Rbf, Sigmoid_like, Sin
+from infnets._src.elementwise.smooth import (
+    Cos,
+    Erf,
+    Exp,
+    Gabor,
+    Gaussian,
+    Gelu,
+    Rbf,
+    Sigmoid_like,
+    Sin,
+)
+from infnets._src.graph.aggregate import Aggregate
 from infnets._src.layers.base import Layer, StaxModule
 from infnets._src.layers.combinators import (
     FanInConcat,
@@ -40,9 +52,16 @@ from infnets._src.layers.combinators import (
     serial,
 )
 from infnets._src.layers.dense import Dense
+from infnets._src.layers.dot_general import DotGeneral
+from infnets._src.layers.frozen import Frozen
+from infnets._src.layers.index import Index, Slice
 from infnets._src.layers.normalization import LayerNorm
+from infnets._src.layers.repeat import Repeat, repeat
 from infnets._src.spatial.conv import Conv
+from infnets._src.spatial.conv_transpose import ConvTranspose
+from infnets._src.spatial.local import ConvLocal
 from infnets._src.spatial.pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
+from infnets._src.spatial.resize import ImageResize
 
 __all__ = [
     "ABRelu",
@@ -91,4 +110,19 @@ __all__ = [
     "params_from",
     "reinit_fns",
     "serial",
+]
+
+__all__ += [
+    "Aggregate",
+    "ConvLocal",
+    "ConvTranspose",
+    "DotGeneral",
+    "ExpNormalized",
+    "Frozen",
+    "Gabor",
+    "ImageResize",
+    "Index",
+    "Repeat",
+    "Slice",
+    "repeat",
 ]

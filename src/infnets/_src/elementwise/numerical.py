@@ -68,13 +68,26 @@ class ElementwiseNumerical(ElementwiseLayer):
 class Elementwise(ElementwiseLayer):
     """An elementwise nonlinearity with the user's closed-form NNGP map.
 
+    For a centred Gaussian pair ``(u, v)`` the NNGP map is ``nngp_fn(c, q1, q2) =
+    E[fn(u) fn(v)]`` and the NTK map ``Theta' = Theta E[fn'(u) fn'(v)]`` (Jacot et al.
+    2018), where by Price's theorem ``E[fn'(u) fn'(v)] = d nngp_fn / dc`` (Han et al.
+    2022, "Fast neural kernel embeddings for general activations"): the NTK follows from
+    ``nngp_fn`` alone, by autograd, unless ``d_nngp_fn`` is given.
+
+    Either side may be left out, as in Neural Tangents: ``fn=None`` gives a kernel-only
+    layer (its finite twin raises when applied), ``nngp_fn=None`` a finite-only layer
+    (its ``kernel_fn`` raises).
+
     Args:
-        fn: the elementwise function of the finite network.
+        fn: the elementwise function of the finite network, or ``None``.
         nngp_fn: ``nngp_fn(cov12, var1, var2) -> E[fn(u) fn(v)]`` for a centred
-            Gaussian pair, written with torch ops (broadcasting).
+            Gaussian pair, written with torch ops (broadcasting), or ``None``.
         d_nngp_fn: ``E[fn'(u) fn'(v)]`` with the same signature; when ``None`` it
             is ``d nngp_fn / d cov12`` by autograd (Price's theorem, valid for
             ``fn`` with a weak derivative).
+
+    Raises:
+        ValueError: neither ``fn`` nor ``nngp_fn`` is given.
 
     Examples:
         >>> from infnets import stax
@@ -82,31 +95,50 @@ class Elementwise(ElementwiseLayer):
         >>> net = stax.serial(stax.Dense(1), square)
         >>> net.kernel_fn(torch.ones(1, 3), None, 'nngp')
         tensor([[3.]])
+        >>> kernel_only = stax.Elementwise(nngp_fn=lambda c, a, b: a * b + 2 * c**2)
+        >>> stax.serial(stax.Dense(1), kernel_only).kernel_fn(torch.ones(1, 3), None, 'ntk')
+        tensor([[4.]])
     """
 
     def __init__(
         self,
-        fn: Callable[[Tensor], Tensor],
-        nngp_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+        fn: Callable[[Tensor], Tensor] | None = None,
+        nngp_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
         d_nngp_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     ) -> None:
-        for name, f in (("fn", fn), ("nngp_fn", nngp_fn)):
-            if not callable(f):
-                raise TypeError(f"Elementwise: {name} must be callable, got {type(f).__name__}.")
-        if d_nngp_fn is not None and not callable(d_nngp_fn):
-            raise TypeError("Elementwise: d_nngp_fn must be callable or None.")
+        if fn is None and nngp_fn is None:
+            raise ValueError(
+                "Elementwise: give fn (the finite network's function), nngp_fn (its "
+                "kernel map E[fn(u) fn(v)]) or both; with neither the layer does nothing."
+            )
+        for name, f in (("fn", fn), ("nngp_fn", nngp_fn), ("d_nngp_fn", d_nngp_fn)):
+            if f is not None and not callable(f):
+                raise TypeError(
+                    f"Elementwise: {name} must be callable or None, got {type(f).__name__}."
+                )
         self.fn_, self.nngp_fn, self.d_nngp_fn = fn, nngp_fn, d_nngp_fn
 
     def __repr__(self) -> str:
-        return f"Elementwise({getattr(self.fn_, '__name__', 'fn')})"
+        name = getattr(self.fn_ if self.fn_ is not None else self.nngp_fn, "__name__", "fn")
+        return f"Elementwise({name})"
 
     def fn(self, x: Tensor) -> Tensor:
+        if self.fn_ is None:
+            raise NotImplementedError(
+                f"{self!r} is kernel-only (fn=None): its finite network is undefined. Pass "
+                "fn= to use apply_fn/to_module, or use only kernel_fn."
+            )
         return self.fn_(x)
 
     def nngp_map(self, c: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
+        if self.nngp_fn is None:
+            raise NotImplementedError(
+                f"{self!r} has no kernel map (nngp_fn=None). Pass nngp_fn=, or use "
+                "stax.ElementwiseNumerical(fn) for kernels by quadrature."
+            )
         return self.nngp_fn(c, q1, q2)
 
     def dot_map(self, c: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
         if self.d_nngp_fn is not None:
             return self.d_nngp_fn(c, q1, q2)
-        return price_derivative(self.nngp_fn, c, q1, q2)
+        return price_derivative(self.nngp_map, c, q1, q2)

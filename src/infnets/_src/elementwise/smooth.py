@@ -24,7 +24,7 @@ from infnets._src.elementwise.base import (
 )
 from infnets._src.elementwise.quadrature import dot_quad, nngp_quad
 
-__all__ = ["Erf", "Sigmoid_like", "Gelu", "Sin", "Cos", "Rbf", "Exp", "Gaussian"]
+__all__ = ["Erf", "Sigmoid_like", "Gelu", "Sin", "Cos", "Rbf", "Exp", "Gaussian", "Gabor"]
 
 
 # ------------------------------------------------------------------------ Erf family
@@ -135,11 +135,30 @@ class Erf(ElementwiseLayer):
 
 
 def Sigmoid_like() -> Erf:  # noqa: N802 - Neural Tangents' name
-    """A sigmoid-shaped ``0.5 erf(b x) + 0.5`` with an exact kernel.
+    """Neural Tangents' sigmoid-shaped ``0.5 erf(x / 2.4020563531719796) + 0.5``, exact kernel.
 
-    ``b = sqrt(pi) / 4`` matches the logistic sigmoid's slope ``1/4`` at zero.
+    The same function as ``neural_tangents.stax.Sigmoid_like``: the constant
+    ``2.4020563531719796`` makes it the least-squares fit of the logistic sigmoid on
+    ``[-5, 5]``. (infnets before 0.x used ``b = sqrt(pi) / 4``, matching only the slope
+    at zero; see ``docs/neural_tangents.md``.) Its kernels are those of
+    :class:`Erf` with ``a = 0.5``, ``b = 1 / 2.4020563531719796``, ``c = 0.5``
+    (Williams 1997).
+
+    Returns:
+        An :class:`Erf` layer.
+
+    Examples:
+        >>> from infnets import stax
+        >>> layer = stax.Sigmoid_like()
+        >>> y = layer.apply_fn((), torch.tensor([2.4020563531719796]))  # 0.5 erf(1) + 0.5
+        >>> round(float(y[0]), 4)
+        0.9214
     """
-    return Erf(a=0.5, b=math.sqrt(math.pi) / 4, c=0.5)
+    return Erf(a=0.5, b=1 / SIGMOID_LIKE_SCALE, c=0.5)
+
+
+#: the input scale of Neural Tangents' ``Sigmoid_like``: ``0.5 erf(x / s) + 0.5``
+SIGMOID_LIKE_SCALE = 2.4020563531719796
 
 
 # -------------------------------------------------------------------------- GELU
@@ -331,3 +350,39 @@ class Gaussian(ElementwiseLayer):
 
     def dot_map(self, k: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
         return k * self._det(k, q1, q2) ** -1.5 * (4 * self.a**2 * self.b**2)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Gabor(ElementwiseLayer):
+    r"""The Gabor function ``phi(x) = exp(-x^2) sin(x)`` (Neural Tangents' ``Gabor``).
+
+    Closed form, derived from the Gaussian integral
+    ``E[exp(-z^T z + i t^T z)] = det(I + 2 S)^{-1/2} exp(-t^T M t / 2)`` with
+    ``M = S (I + 2 S)^{-1}`` for a centred pair ``z = (u, v)`` of covariance ``S``, and
+    ``sin u sin v = (cos(u - v) - cos(u + v)) / 2``: with
+    ``D = (1 + 2 q1)(1 + 2 q2) - 4 k^2`` and ``M_11 + M_22 = (q1 + q2 + 4 q1 q2 - 4 k^2) / D``,
+    ``M_12 = k / D``,
+
+    ``K' = D^{-1/2} exp(-(M_11 + M_22) / 2) sinh(k / D)``.
+
+    The derivative kernel ``E[phi'(u) phi'(v)] = dK'/dk`` follows by Price's theorem
+    (autograd). The function is odd, so centred inputs give centred outputs.
+
+    Examples:
+        >>> from infnets import stax
+        >>> net = stax.serial(stax.Dense(1), stax.Gabor())
+        >>> net.kernel_fn(torch.eye(2, dtype=torch.float64), None, 'nngp').shape
+        torch.Size([2, 2])
+    """
+
+    @property
+    def is_odd(self) -> bool:
+        return True
+
+    def fn(self, x: Tensor) -> Tensor:
+        return torch.exp(-x * x) * torch.sin(x)
+
+    def nngp_map(self, k: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
+        det = (1 + 2 * q1) * (1 + 2 * q2) - 4 * k * k
+        trace = (q1 + q2 + 4 * (q1 * q2 - k * k)) / det
+        return torch.exp(-trace / 2) * torch.sinh(k / det) * torch.rsqrt(det)

@@ -28,6 +28,7 @@ from infnets._src.core import inputs as _inputs
 from infnets._src.core.kernel import Kernel
 from infnets._src.core.protocol import FusedStep, KernelTree, Params, ShapeTree
 from infnets._src.evaluate import tiling
+from infnets._src.layers import side_inputs
 
 
 class Layer:
@@ -102,9 +103,16 @@ class Layer:
         return self._init_fn
 
     @property
-    def apply_fn(self) -> Callable[[Params, Any], Any]:
-        """``apply_fn(params, x) -> y``: the finite network."""
-        return self.apply
+    def apply_fn(self) -> Callable[..., Any]:
+        """``apply_fn(params, x, **side) -> y``: the finite network (``side``: ``pattern=``
+        for graph networks, see ``stax.Aggregate``)."""
+        return self._apply_fn
+
+    def _apply_fn(self, params: Params, x: Any, **side: Any) -> Any:
+        if not side:
+            return self.apply(params, x)
+        with side_inputs.using(**side):
+            return self.apply(params, x)
 
     @property
     def kernel_fn(self) -> Callable[..., Any]:
@@ -133,6 +141,10 @@ class Layer:
         return self.init(gen, _as_shape(input_shape), dtype, device)
 
     def _kernel_fn(self, x1: Any, x2: Any = None, get: Any = None, **options: Any) -> Any:
+        side = {name: options.pop(name) for name in side_inputs.NAMES if name in options}
+        if side:
+            with side_inputs.using(**side):
+                return self._kernel_fn(x1, x2, get, **options)
         if isinstance(x1, Kernel) or (
             isinstance(x1, list) and x1 and all(isinstance(k, Kernel) for k in x1)
         ):
@@ -217,6 +229,23 @@ def _from_modules(template: Params, module: Any) -> Params:
     return template
 
 
+def _freeze(layer: Layer, template: Params, module: Any) -> None:
+    """``requires_grad=False`` on the parameters of layers marked ``frozen`` (``stax.Frozen``).
+
+    Containers' params are tuples aligned with :meth:`Layer.sublayers`, so the walk follows
+    both trees together.
+    """
+    if getattr(layer, "frozen", False):
+        if isinstance(module, nn.Module):
+            for p in module.parameters():
+                p.requires_grad_(False)
+        return
+    kids = layer.sublayers()
+    if kids and isinstance(template, (tuple, list)) and len(template) == len(kids):
+        for kid, sub, child in zip(kids, template, module):
+            _freeze(kid, sub, child)
+
+
 class StaxModule(nn.Module):
     """A finite infnets network as a ``torch.nn.Module``.
 
@@ -238,14 +267,15 @@ class StaxModule(nn.Module):
         self.output_shape = output_shape
         self._template = params
         self.params = _to_modules(params)
+        _freeze(layer, params, self.params)
 
     @property
     def stax_params(self) -> Params:
         """The parameters in ``apply_fn``'s nested layout (the registered tensors)."""
         return _from_modules(self._template, self.params)
 
-    def forward(self, x: Any) -> Any:
-        return self.layer.apply(self.stax_params, x)
+    def forward(self, x: Any, **side: Any) -> Any:
+        return self.layer.apply_fn(self.stax_params, x, **side)
 
     def extra_repr(self) -> str:
         return repr(self.layer)
