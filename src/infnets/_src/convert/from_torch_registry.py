@@ -189,11 +189,17 @@ def register_converter(*keys: Any) -> Callable[[Converter], Converter]:
         A decorator storing the converter under every key (replacing earlier entries).
 
     Examples:
+        A module of one's own that passes its input through (the registry is global, so an
+        example must not replace the converter of a torch module):
+
         >>> from torch import nn
         >>> from infnets._src.convert.from_torch_ops import ALIAS, register_converter
-        >>> @register_converter(nn.Identity)
-        ... def _identity(op):
-        ...     return ALIAS
+        >>> class PassThrough(nn.Module):
+        ...     def forward(self, x):
+        ...         return x
+        >>> @register_converter(PassThrough)
+        ... def _pass_through(op, alias=ALIAS):
+        ...     return alias
     """
 
     def deco(fn: Converter) -> Converter:

@@ -32,8 +32,8 @@ class _SliceMaker:
         return "Slice"
 
 
-#: builds index tuples with NumPy syntax: ``Index(Slice[:, :, 2:6])``
 Slice = _SliceMaker()
+"""Builds index tuples with NumPy syntax: ``stax.Index(stax.Slice[:, :, 2:6])``."""
 
 
 def _check_entry(e: Any) -> Any:
