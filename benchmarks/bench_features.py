@@ -53,8 +53,7 @@ if cfg["mode"] == "exact":
 else:
     f = features.random_features(net, torch.cat([x, xt]), cfg["D"], get="ntk", key=0).ntk
     reg = 1e-4 * float((f[: len(x)] ** 2).sum(1).mean())  # the relative ridge of gp_inference
-    _, mean = features.feature_regression(f[: len(x)].double(), y.double(), f[len(x):].double(),
-                                          diag_reg=reg)
+    _, mean = features.feature_regression(f[: len(x)], y, f[len(x):], diag_reg=reg)
 seconds = time.perf_counter() - start
 acc = float((torch.sign(mean) == yt).double().mean())
 print(json.dumps(dict(seconds=seconds, accuracy=acc,

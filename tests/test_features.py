@@ -89,8 +89,12 @@ def test_blocks_do_not_change_features(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(blocked.ntk, whole.ntk, rtol=0, atol=0)
 
 
-def test_feature_regression_is_the_kernel_posterior_mean() -> None:
-    """Push-through identity: the D x D solve equals gp_inference on the feature kernel."""
+def test_feature_regression_is_the_kernel_posterior_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Push-through identity: the D x D solve equals gp_inference on the feature kernel
+    (accumulated over blocks of 7 rows here)."""
+    from infnets._src.features import random as rf
+
+    monkeypatch.setattr(rf, "BLOCK_ROWS", 7)
     net, x = _one_hidden(stax.Relu()), _x(30)
     xt = _x(7, seed=1)
     y = torch.sin(x[:, :2])

@@ -202,7 +202,8 @@ def feature_regression(
     With train features ``Phi`` ``(N, D)``, the kernel ``K = Phi Phi^T`` and the ridge
     ``lambda``, the posterior mean at test features ``Phi_*`` is
     ``K_* (K + lambda I)^{-1} Y = Phi_* (Phi^T Phi + lambda I)^{-1} Phi^T Y`` (push-through
-    identity): a ``D x D`` solve, ``O(N D^2)`` time. This is ``predict.gp_inference``'s mean
+    identity): a ``D x D`` solve, ``O(N D^2)`` time, ``Phi^T Phi`` accumulated in float64 over
+    blocks of rows (``O(D^2)`` memory besides the features). This is ``predict.gp_inference``'s mean
     (``'nngp'`` with NNGP features, ``'ntk'`` with NTK features) for the feature kernel.
 
     Args:
@@ -223,7 +224,14 @@ def feature_regression(
         )
     if not diag_reg >= 0:
         raise ValueError(f"feature_regression: diag_reg must be >= 0, got {diag_reg!r}.")
-    gram = train.T @ train
+    work = torch.promote_types(train.dtype, torch.float64)  # accumulate in float64
+    d = train.shape[1]
+    gram = torch.zeros((d, d), dtype=work, device=train.device)
+    rhs = torch.zeros((d,) + tuple(y.shape[1:]), dtype=work, device=train.device)
+    for s in range(0, train.shape[0], BLOCK_ROWS):  # O(B D) temporaries, whatever N is
+        block = train[s : s + BLOCK_ROWS].to(work)
+        gram.addmm_(block.T, block)
+        rhs += block.T @ y[s : s + BLOCK_ROWS].to(work)
     gram.diagonal().add_(diag_reg)
-    weights = torch.linalg.solve(gram, train.T @ y)
+    weights = torch.linalg.solve(gram, rhs).to(train.dtype)
     return weights, None if test is None else test @ weights
