@@ -11,6 +11,7 @@ Every layer unpacks into ``(init_fn, apply_fn, kernel_fn)``::
     y = apply_fn(params, x_train)
 """
 
+from infnets._src.attention import GlobalSelfAttention
 from infnets._src.combinators import (
     FanInConcat,
     FanInProd,
@@ -70,6 +71,7 @@ __all__ = [
     "Gaussian",
     "Gelu",
     "GlobalAvgPool",
+    "GlobalSelfAttention",
     "GlobalSumPool",
     "Hermite",
     "Identity",

@@ -89,8 +89,26 @@ class Layer:
 
     @property
     def apply_fn(self):  # type: ignore[no-untyped-def]
-        """``apply_fn(params, x) -> y``: the finite network."""
-        return self.apply
+        """``apply_fn(params, x, *, mask_constant=None, mask=None, rng=None) -> y``: the
+        finite network (masks of padded positions: :mod:`infnets._src.masking`; ``rng``:
+        seed or generator of ``Dropout`` in train mode)."""
+        return self._apply_fn
+
+    def _apply_fn(
+        self,
+        params: Params,
+        x: Any,
+        *,
+        mask_constant: float | None = None,
+        mask: Tensor | None = None,
+        rng: int | torch.Generator | None = None,
+    ) -> Any:
+        if mask_constant is None and mask is None and rng is None:
+            return self.apply(params, x)
+        from infnets._src import masking
+
+        with masking.apply_context(x, mask_constant, mask, rng):
+            return self.apply(params, x)
 
     @property
     def kernel_fn(self):  # type: ignore[no-untyped-def]
@@ -135,6 +153,8 @@ class Layer:
         key: int | torch.Generator = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        *,
+        mask_constant: float | None = None,
     ) -> StaxModule:
         """The finite network as a trainable ``torch.nn.Module``.
 
@@ -142,13 +162,18 @@ class Layer:
             input_shape: shape of one batch of inputs, batch axis first (``-1`` allowed).
             key: seed or generator for the initial parameters.
             dtype, device: of the parameters (default: torch's default dtype, CPU).
+            mask_constant: default mask constant of ``module(x)`` (padded positions;
+                see :mod:`infnets._src.masking`); ``module(x, mask_constant=...)`` or
+                ``module(x, mask=...)`` override it per call.
 
         Returns:
             A :class:`StaxModule` whose registered parameters are this layer's
             ``params``; ``module(x) == apply_fn(params, x)``.
         """
         out_shape, params = self._init_fn(key, input_shape, dtype, device)
-        return StaxModule(self, params, out_shape)
+        module = StaxModule(self, params, out_shape)
+        module.mask_constant = mask_constant
+        return module
 
 
 def _as_shape(shape: Any) -> Any:
@@ -280,8 +305,19 @@ class StaxModule(nn.Module):
         """The parameters in ``apply_fn``'s nested layout (the registered tensors)."""
         return _from_modules(self._template, self.params)
 
-    def forward(self, x: Any) -> Any:
-        return self.layer.apply(self.stax_params, x)
+    #: default ``mask_constant`` of :meth:`forward` (set by ``to_module``)
+    mask_constant: float | None = None
+
+    def forward(
+        self, x: Any, *, mask_constant: float | None = None, mask: Tensor | None = None
+    ) -> Any:
+        """``apply_fn(params, x)``; padded positions marked by ``mask_constant`` (default:
+        the module's ``mask_constant``) or an explicit boolean ``mask``."""
+        if mask_constant is None and mask is None:
+            mask_constant = self.mask_constant
+        if mask_constant is None and mask is None:
+            return self.layer.apply(self.stax_params, x)
+        return self.layer._apply_fn(self.stax_params, x, mask_constant=mask_constant, mask=mask)
 
     def extra_repr(self) -> str:
         return repr(self.layer)
