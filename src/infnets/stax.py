@@ -25,6 +25,7 @@ from infnets._src.combinators import (
 )
 from infnets._src.conv import Conv
 from infnets._src.dense import Dense
+from infnets._src.dropout import Dropout
 from infnets._src.elementwise import (
     ABRelu,
     Abs,
@@ -58,6 +59,7 @@ __all__ = [
     "Conv",
     "Cos",
     "Dense",
+    "Dropout",
     "Elementwise",
     "ElementwiseLayer",
     "ElementwiseNumerical",
