@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from infnets._src.attention import from_pp, mechanism_fn, pos_emb_covariance, to_pp
-from infnets._src.kernel import Kernel, alloc_like, is_zero_ntk
+from infnets._src.kernel import Kernel, is_zero_ntk
 
 __all__ = ["attention_kernel"]
 
@@ -88,6 +88,8 @@ def attention_kernel(layer: Any, k: Kernel) -> Kernel:
     nngp = to_pp(k.nngp, lead, d)
     zero_ntk = k.ntk is not None and is_zero_ntk(k.ntk)
     ntk = None if k.ntk is None or zero_ntk else to_pp(k.ntk, lead, d)
+    if k.ntk is k.nngp and ntk is not None:  # Conv after raw inputs returns ntk is nngp
+        ntk = nngp
     cov1 = to_pp(k.cov1, 1, d)
     cov2 = None if k.cov2 is None else to_pp(k.cov2, 1, d)
 
@@ -137,13 +139,13 @@ def attention_kernel(layer: Any, k: Kernel) -> Kernel:
             a2 = mechanism_fn(mech, kk_own2 * s_qk, None if keep2 is None else keep2.unsqueeze(1))
         aa, ab_t = pairs.first(a1), pairs.second(a2).transpose(-1, -2)
 
-        def sandwich(t: Tensor) -> Tensor:
-            return torch.matmul(torch.matmul(aa, t), ab_t)
-
-        new_nngp = sandwich(v_pair).mul_(s_ov2)
         new_ntk = None
-        if need_ntk:
-            new_ntk = sandwich(torch.add(th_v, v_pair, alpha=2.0)).mul_(s_ov2)  # type: ignore[arg-type]
+        if need_ntk and th_v is not v_pair:
+            new_nngp, new_ntk = _sandwich_pair(aa, v_pair, th_v, ab_t, s_ov2)  # type: ignore[arg-type]
+        else:
+            new_nngp = torch.matmul(torch.matmul(aa, v_pair), ab_t).mul_(s_ov2)
+            if need_ntk:  # Theta_v = V (Conv on raw inputs): Theta' = 3 A V A^T
+                new_ntk = new_nngp * 3.0
         new_cov1 = (a1 @ v_own1 @ a1.transpose(-1, -2)) * s_ov2
         new_cov2 = None if cov2 is None else (a2 @ v_own2 @ a2.transpose(-1, -2)) * s_ov2
     elif mech == "IDENTITY":
@@ -174,19 +176,35 @@ def attention_kernel(layer: Any, k: Kernel) -> Kernel:
         new_cov2 = None if new_cov2 is None else new_cov2 + b2
         new_ntk = None if new_ntk is None else new_ntk + b2
 
-    def out(t: Tensor | None, like: Tensor | None, n: int) -> Tensor | None:
-        if t is None:
-            return None
-        view = from_pp(t, n, spatial)
-        if like is None or is_zero_ntk(like) or like.shape != view.shape:
-            return view
-        return alloc_like(like, view.shape).copy_(view)  # the input's memory order
-
+    # The results stay in the (pairs, P, P) order the matrix products produce (a view in
+    # the interleaved layout): the next attention layer, elementwise maps and global
+    # pooling read it as it is, where converting to the examples-innermost order would
+    # cost two passes per covariance (kernel.alloc_like documents that order).
     return k.replace(
-        nngp=out(new_nngp, k.nngp, lead),
-        ntk=out(new_ntk, k.nngp, lead),
-        cov1=out(new_cov1, k.cov1, 1),
-        cov2=out(new_cov2, k.cov2, 1),
+        nngp=from_pp(new_nngp, lead, spatial),
+        ntk=None if new_ntk is None else from_pp(new_ntk, lead, spatial),
+        cov1=from_pp(new_cov1, 1, spatial),
+        cov2=None if new_cov2 is None else from_pp(new_cov2, 1, spatial),
+    )
+
+
+def _sandwich_pair(
+    aa: Tensor, v: Tensor, th_v: Tensor, ab_t: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """``scale A_x V A_y^T`` and ``scale A_x (Theta_v + 2 V) A_y^T`` with one right product.
+
+    ``V`` and ``Theta_v + 2 V`` are stacked as the rows of one ``(B, 2P, P)`` buffer, so the
+    products by ``A_y^T`` run as one batched matrix product of twice the height.
+    """
+    p = v.shape[-1]
+    batch = torch.broadcast_shapes(v.shape, th_v.shape)[:-2]
+    buf = v.new_empty(batch + (2 * p, p))
+    buf[..., :p, :] = v
+    torch.add(th_v, v, alpha=2.0, out=buf[..., p:, :])
+    right = torch.matmul(buf, ab_t)
+    return (
+        torch.matmul(aa, right[..., :p, :]).mul_(scale),
+        torch.matmul(aa, right[..., p:, :]).mul_(scale),
     )
 
 
