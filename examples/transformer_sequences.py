@@ -81,14 +81,16 @@ def kernel_accuracies(x_train, y_train, x_test, y_test, masked: bool) -> dict[st
     return {g: accuracy(predict_fn(g, getattr(k_st, g)), y_test) for g in ("nngp", "ntk")}
 
 
-def finite_accuracy(x_train, y_train, x_test, y_test, seed: int, width: int = 64) -> float:
+def finite_accuracy(
+    x_train, y_train, x_test, y_test, seed: int, width: int = 64, steps: int = 300
+) -> float:
     torch.manual_seed(seed)
     model = transformer(width).to_module(
         x_train.shape, key=seed, dtype=torch.float32, mask_constant=0.0
     )
     xs, ys = x_train.float(), y_train.float()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
+    for _ in range(steps):
         opt.zero_grad()
         loss = (model(xs) - ys).pow(2).mean()
         loss.backward()
@@ -97,7 +99,8 @@ def finite_accuracy(x_train, y_train, x_test, y_test, seed: int, width: int = 64
         return accuracy(model(x_test.float()).double(), y_test)
 
 
-def main() -> None:
+def main(steps: int = 300) -> None:
+    """Print the accuracy table (``steps``: Adam steps of each finite transformer)."""
     # tiny tensors: one intra-op thread avoids OpenMP overhead (8x faster training on a
     # busy 2-core machine)
     torch.set_num_threads(1)
@@ -114,7 +117,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for seed in (0, 1):
         rows.append((f"finite, width 64, seed {seed}", finite_accuracy(
-            x_train, y_train, x_test, y_test, seed)))  # fmt: skip
+            x_train, y_train, x_test, y_test, seed, steps=steps)))  # fmt: skip
     t_finite = time.perf_counter() - t0
     print(f"{N_TRAIN} training / {N_TEST} test sequences of length 3-{LENGTH} (padded to {LENGTH})")
     print(f"{'model':32s} {'test accuracy':>13s}")
