@@ -294,3 +294,15 @@ def test_inputs_without_positions():
 def test_diagonal_spatial_refused():
     with pytest.raises(ValueError, match="mixes positions"):
         stax.GlobalSelfAttention(4, 4, 4, 2).kernel_fn(X, None, diagonal_spatial=True)
+
+
+@pytest.mark.parametrize(
+    "name", ["attention", "attention_qmc", "attention_kernel", "masking", "dropout"]
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"infnets._src.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, extraglobs={"torch": torch})
+    assert result.failed == 0 and (result.attempted > 0 or name == "attention_kernel")
