@@ -178,10 +178,11 @@ class GlobalSelfAttention(Layer):
       all position pairs). Other mechanisms (beyond Neural Tangents, which refuses
       them): the Gaussian expectation over the logits is computed by scrambled Sobol
       quasi-Monte Carlo with ``n_samples`` points and a fixed ``seed``. The estimate is
-      deterministic; its error is about ``1e-3`` relative to the kernel's scale at
-      ``n_samples=1024`` and falls roughly like ``1 / n_samples`` (``8 x`` the points,
-      ``~5-10 x`` smaller). Cost ``O(N1 N2 P^4 n_samples)`` for the NTK
-      (``O(N1 N2 P^3 n_samples)`` for the NNGP alone).
+      deterministic; its error, measured against ``65536`` points, is about 1 % of the
+      kernel's scale at ``n_samples=1024``, 0.5 % at 4096 and 0.1 % at 16384 (roughly
+      ``n_samples^(-0.6..-1)``). Cost ``O(N1 N2 P^4 n_samples)`` for the NTK
+      (``O(N1 N2 P^3 n_samples)`` for the NNGP alone); symmetric problems are averaged
+      with their mirror, so the kernel matrix is exactly symmetric.
 
     Relation to ``torch.nn.MultiheadAttention``: ``nn.MultiheadAttention(E, H)`` with
     ``d_k = d_v = E / H``, in-projections for queries, keys and values, ``1/sqrt(d_k)``
@@ -196,6 +197,9 @@ class GlobalSelfAttention(Layer):
     ``W_value`` (``(H, C_v, d_v)``), ``W_out`` (``(n_chan_out, H d_v)``), ``b``
     (``(n_chan_out,)``, when ``b_std`` is not ``None``) and the trainable embeddings
     ``pos_emb`` (``(C_e, *spatial)``).
+
+    Only the NTK parameterization exists (as in Neural Tangents): the weights are
+    ``N(0, 1)`` and the standard deviations scale the forward pass.
 
     Masks (``mask_constant``, see :mod:`infnets._src.masking`): padded positions are
     excluded as keys (zero attention weight) and the output at padded positions is
