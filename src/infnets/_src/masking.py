@@ -47,6 +47,7 @@ __all__ = [
     "current_mask",
     "current_generator",
     "reject_mask",
+    "reject_kernel_mask",
     "pair_keep",
     "own_keep",
     "remask",
@@ -262,8 +263,3 @@ def remask(k: Kernel) -> Kernel:
         cov1=k.cov1 * (own1[0] * own1[1]),  # type: ignore[index]
         cov2=None if k.cov2 is None else k.cov2 * (own2[0] * own2[1]),  # type: ignore[index]
     )
-
-
-def slice_masks(m: Tensor | None, a: int, b: int) -> Tensor | None:
-    """Rows ``a:b`` of a mask (``None`` stays ``None``)."""
-    return None if m is None else m[a:b]
