@@ -70,7 +70,9 @@ def normal_points(n: int, dim: int, seed: int, dtype: torch.dtype, device: torch
 def sqrt_psd(m: Tensor) -> Tensor:
     """Batched ``F`` with ``F F^T = M`` for symmetric PSD ``M`` (eigenvalues clipped at 0)."""
     lam, u = torch.linalg.eigh((m + m.transpose(-1, -2)) / 2)
-    return u * lam.clamp(min=0).sqrt().unsqueeze(-2)
+    # largest eigenvalues first: the leading (best distributed) Sobol coordinates drive the
+    # directions of largest variance (the principal-component construction of QMC)
+    return (u * lam.clamp(min=0).sqrt().unsqueeze(-2)).flip(-1)
 
 
 def _derivative(mech: str, g: Tensor, keep: Tensor | None) -> Tensor:
