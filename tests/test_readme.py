@@ -91,6 +91,8 @@ def test_examples_run(script, capsys, monkeypatch):
         spec.loader.exec_module(module)
         if script == "gpytorch_exact_gp.py":
             module.main(steps=10)
+        elif script == "transformer_sequences.py":
+            module.main(steps=20)
         elif script == "sklearn_kernels.py":
             module.gaussian_process_regression()
             module.digits()

@@ -13,6 +13,7 @@ Every layer unpacks into ``(init_fn, apply_fn, kernel_fn)``::
 Your own ``torch.nn.Module``: ``net = stax.from_torch(model, x)`` (see :func:`from_torch`).
 """
 
+from infnets._src.attention.layer import GlobalSelfAttention
 from infnets._src.convert.from_torch import (
     FromTorchError,
     NotYetSupportedError,
@@ -53,6 +54,7 @@ from infnets._src.layers.combinators import (
 )
 from infnets._src.layers.dense import Dense
 from infnets._src.layers.dot_general import DotGeneral
+from infnets._src.layers.dropout import Dropout
 from infnets._src.layers.frozen import Frozen
 from infnets._src.layers.index import Index, Slice
 from infnets._src.layers.normalization import LayerNorm
@@ -70,6 +72,7 @@ __all__ = [
     "Conv",
     "Cos",
     "Dense",
+    "Dropout",
     "Elementwise",
     "ElementwiseLayer",
     "ElementwiseNumerical",
@@ -84,6 +87,7 @@ __all__ = [
     "Gaussian",
     "Gelu",
     "GlobalAvgPool",
+    "GlobalSelfAttention",
     "GlobalSumPool",
     "Hermite",
     "Identity",

@@ -80,6 +80,9 @@ class Kernel:
         centred: whether each unit has mean zero given everything but the weights of
             ``last_affine`` (true after an affine layer, kept by odd nonlinearities,
             pooling and normalisation). Sums and normalisation need it to be exact.
+        mask1: ``(N1, *spatial)`` booleans, ``True`` at padded (masked) positions of the
+            first batch, or ``None`` (no masking; see :mod:`infnets._src.core.masking`).
+        mask2: the same for the second batch (``None`` when ``x2 is x1`` or unmasked).
     """
 
     nngp: Tensor
@@ -95,6 +98,8 @@ class Kernel:
     diagonal_spatial: bool = False
     last_affine: object | None = None
     centred: bool = False
+    mask1: Tensor | None = None
+    mask2: Tensor | None = None
 
     # ------------------------------------------------------------------ helpers
     def replace(self, **changes: object) -> Kernel:

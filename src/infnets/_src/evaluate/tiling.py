@@ -359,11 +359,19 @@ def _cache_side(x1: Tensor, full_input: bool, pairs: int) -> int:
 
 # ------------------------------------------------------------------ evaluate
 def _single(
-    layer: KernelLayer, x1: Tensor, x2: Tensor | None, need_ntk: bool, full_in: bool, out_full: Any
+    layer: KernelLayer,
+    x1: Tensor,
+    x2: Tensor | None,
+    need_ntk: bool,
+    full_in: bool,
+    out_full: Any,
+    masks: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> Kernel:
     if x1.ndim == 2:  # fully connected: cache-blocked chunks of pairs (exact)
         return evaluate_fc(layer, x1, x2, need_ntk)
     k_in = spatial_input_kernel(x1, x2, need_ntk, full=full_in)
+    if masks[0] is not None or masks[1] is not None:  # padded positions (masking.py)
+        k_in = k_in.replace(mask1=masks[0], mask2=None if x2 is None else masks[1])
     k_out = layer.kernel_planned(k_in, out_full)
     if not isinstance(k_out, Kernel):
         raise ValueError(
@@ -391,6 +399,9 @@ def kernel_fn(
     memory_budget: int | float | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
+    mask_constant: float | None = None,
+    mask1: Tensor | None = None,
+    mask2: Tensor | None = None,
 ) -> Any:
     r"""Infinite-width kernels of ``layer`` on two batches, under a memory budget.
 
@@ -411,6 +422,11 @@ def kernel_fn(
             the budget would give).
         progress: show a tqdm progress bar over tiles (``None``: only for tiled runs
             that last longer than a few seconds).
+        mask_constant: positions of ``(N, C, *spatial)`` inputs whose every channel
+            equals it are padding, excluded by the layers that mix positions (see
+            :mod:`infnets._src.core.masking`).
+        mask1, mask2: explicit boolean masks ``(N, *spatial)`` of ``x1``/``x2``
+            (``True`` at padded positions), instead of ``mask_constant``.
 
     Returns:
         What ``get`` asks for; kernels have shape ``(N1, N2)`` (plus the output's
@@ -434,6 +450,15 @@ def kernel_fn(
     x1, x2 = _inputs.check_pair(x1, x2)
     need_ntk = "ntk" in names
     full_in, out_full = plan_spatial(layer, x1.ndim > 2, diagonal_spatial)
+    masks: tuple[Tensor | None, Tensor | None] = (None, None)
+    if mask_constant is not None or mask1 is not None or mask2 is not None:
+        from infnets._src.core.masking import input_mask
+
+        if mask2 is not None and x2 is None:
+            raise ValueError("kernel_fn: mask2 given but x2 is None; pass mask1 only.")
+        m1 = input_mask(x1, mask_constant, mask1, "x1")
+        m2 = None if x2 is None else input_mask(x2, mask_constant, mask2, "x2")
+        masks = (m1, m2)
 
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
@@ -465,12 +490,14 @@ def kernel_fn(
     pairs = n1 * (n1 + 1) // 2 if x2 is None and n1 >= PACK_MIN_EXAMPLES else n1 * n2
     cache_side = _cache_side(x1, full_in, pairs)
     if batch_size is None and pairs * per_pair <= budget and cache_side >= max(n1, n2):
-        return select(_single(layer, x1, x2, need_ntk, full_in, out_full), get)
+        return select(_single(layer, x1, x2, need_ntk, full_in, out_full, masks), get)
 
     # ------------------------------------------------------------- tiled
     if batch_size is None:
         # one example shows the result's size per pair (and checks the architecture)
-        probe = _single(layer, x1[:1], None, need_ntk, full_in, out_full)
+        probe = _single(
+            layer, x1[:1], None, need_ntk, full_in, out_full, (_rows(masks[0], 0, 1), None)
+        )
         out_per_pair = probe.nngp.numel() * (2 if need_ntk else 1) * x1.element_size()
         avail = budget - n1 * n2 * out_per_pair
         if avail < per_pair:
@@ -484,7 +511,12 @@ def kernel_fn(
         side = min(max(1, int(math.isqrt(int(avail // (per_pair * workers))))), cache_side)
     else:
         side = batch_size
-    return select(_tiled(layer, x1, x2, need_ntk, full_in, out_full, side, progress), get)
+    k = _tiled(layer, x1, x2, need_ntk, full_in, out_full, side, progress, masks)
+    return select(k, get)
+
+
+def _rows(m: Tensor | None, a: int, b: int) -> Tensor | None:
+    return None if m is None else m[a:b]
 
 
 #: most extra work accepted to give every tile the same shape (see _tiled)
@@ -513,6 +545,7 @@ def _tiled(
     out_full: Any,
     side: int,
     progress: bool | None,
+    masks: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> Kernel:
     from tqdm.auto import tqdm
 
@@ -533,13 +566,17 @@ def _tiled(
 
     xs1, rows = blocks(x1)
     xsb, cols = (xs1, rows) if symmetric else blocks(xb)
+    # masks follow their examples (padded like them)
+    ms1 = None if masks[0] is None else _padded_like(masks[0], xs1.shape[0])
+    msb = ms1 if symmetric else (None if masks[1] is None else _padded_like(masks[1], xsb.shape[0]))
     tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not symmetric or i <= j]
     out: dict[str, Tensor | None] = {}
 
     def compute(tile: tuple[int, int]) -> Kernel:
         (a0, a1), (b0, b1) = rows[tile[0]], cols[tile[1]]
         other = None if symmetric and tile[0] == tile[1] else xsb[b0:b1]
-        return _single(layer, xs1[a0:a1], other, need_ntk, full_in, out_full)
+        tile_masks = (_rows(ms1, a0, a1), None if other is None else _rows(msb, b0, b1))
+        return _single(layer, xs1[a0:a1], other, need_ntk, full_in, out_full, tile_masks)
 
     def store(tile: tuple[int, int], k: Kernel) -> None:
         """Write a tile (and its mirror) into the outputs: disjoint regions per tile."""
@@ -623,4 +660,12 @@ def _tiled(
         pair_index=None,
         n1=n1,
         n2=n2,
+        mask1=None if first.mask1 is None else masks[0],
+        mask2=None if first.mask2 is None else masks[1],
     )
+
+
+def _padded_like(m: Tensor, n: int) -> Tensor:
+    """A mask extended like :func:`_padded` extends its examples (copies of the first)."""
+    pad = n - m.shape[0]
+    return m if pad == 0 else torch.cat([m, m[:pad]])

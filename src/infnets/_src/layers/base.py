@@ -18,6 +18,7 @@ return lists of shapes, tensors and kernels.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from infnets._src.core import inputs as _inputs
+from infnets._src.core import masking
 from infnets._src.core.kernel import Kernel
 from infnets._src.core.protocol import FusedStep, KernelTree, Params, ShapeTree
 from infnets._src.evaluate import tiling
@@ -104,14 +106,30 @@ class Layer:
 
     @property
     def apply_fn(self) -> Callable[..., Any]:
-        """``apply_fn(params, x, **side) -> y``: the finite network (``side``: ``pattern=``
-        for graph networks, see ``stax.Aggregate``)."""
+        """``apply_fn(params, x, *, mask_constant=None, mask=None, rng=None, **side) -> y``: the
+        finite network (masks of padded positions: :mod:`infnets._src.core.masking`; ``rng``:
+        seed or generator of ``Dropout`` in train mode; ``side``: ``pattern=`` for graph
+        networks, see ``stax.Aggregate``)."""
         return self._apply_fn
 
-    def _apply_fn(self, params: Params, x: Any, **side: Any) -> Any:
-        if not side:
+    def _apply_fn(
+        self,
+        params: Params,
+        x: Any,
+        *,
+        mask_constant: float | None = None,
+        mask: Tensor | None = None,
+        rng: int | torch.Generator | None = None,
+        **side: Any,
+    ) -> Any:
+        masked = mask_constant is not None or mask is not None or rng is not None
+        if not masked and not side:
             return self.apply(params, x)
-        with side_inputs.using(**side):
+        with contextlib.ExitStack() as stack:
+            if side:
+                stack.enter_context(side_inputs.using(**side))
+            if masked:
+                stack.enter_context(masking.apply_context(x, mask_constant, mask, rng))
             return self.apply(params, x)
 
     @property
@@ -159,6 +177,8 @@ class Layer:
         key: int | torch.Generator = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        *,
+        mask_constant: float | None = None,
     ) -> StaxModule:
         """The finite network as a trainable ``torch.nn.Module``.
 
@@ -166,13 +186,18 @@ class Layer:
             input_shape: shape of one batch of inputs, batch axis first (``-1`` allowed).
             key: seed or generator for the initial parameters.
             dtype, device: of the parameters (default: torch's default dtype, CPU).
+            mask_constant: default mask constant of ``module(x)`` (padded positions;
+                see :mod:`infnets._src.core.masking`); ``module(x, mask_constant=...)`` or
+                ``module(x, mask=...)`` override it per call.
 
         Returns:
             A :class:`StaxModule` whose registered parameters are this layer's
             ``params``; ``module(x) == apply_fn(params, x)``.
         """
         out_shape, params = self._init_fn(key, input_shape, dtype, device)
-        return StaxModule(self, params, out_shape)
+        module = StaxModule(self, params, out_shape)
+        module.mask_constant = mask_constant
+        return module
 
 
 def _as_shape(shape: Any) -> Any:
@@ -274,8 +299,25 @@ class StaxModule(nn.Module):
         """The parameters in ``apply_fn``'s nested layout (the registered tensors)."""
         return _from_modules(self._template, self.params)
 
-    def forward(self, x: Any, **side: Any) -> Any:
-        return self.layer.apply_fn(self.stax_params, x, **side)
+    #: default ``mask_constant`` of :meth:`forward` (set by ``to_module``)
+    mask_constant: float | None = None
+
+    def forward(
+        self,
+        x: Any,
+        *,
+        mask_constant: float | None = None,
+        mask: Tensor | None = None,
+        **side: Any,
+    ) -> Any:
+        """``apply_fn(params, x)``; padded positions marked by ``mask_constant`` (default:
+        the module's ``mask_constant``) or an explicit boolean ``mask``; ``side``:
+        ``pattern=`` for graph networks."""
+        if mask_constant is None and mask is None:
+            mask_constant = self.mask_constant
+        return self.layer.apply_fn(
+            self.stax_params, x, mask_constant=mask_constant, mask=mask, **side
+        )
 
     def extra_repr(self) -> str:
         return repr(self.layer)

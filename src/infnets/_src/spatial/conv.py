@@ -468,6 +468,10 @@ class Conv(Layer):
             raise ValueError(f"{self!r} received {len(x)} branches; join them first.")
         check_spatial_rank(x.ndim, self.ndim, repr(self), x.shape)
         geoms = self.geometry(x.shape[2:])
+        if not all(g.is_identity for g in geoms):  # padded positions would leak
+            from infnets._src.core.masking import reject_mask
+
+            reject_mask(repr(self), "mixes neighbouring positions (filter or stride > 1)")
         w = params["W"]
         y = _CONV_FNS[self.ndim](pad_input(x, geoms), w, stride=self.strides or 1)
         bias_shape = (1, -1) + (1,) * self.ndim
@@ -485,6 +489,10 @@ class Conv(Layer):
             raise ValueError(f"{self!r} received {len(k)} branches; join them first.")
         check_spatial_rank(len(k.shape1), self.ndim, repr(self), k.shape1)
         geoms = self.geometry(k.spatial_shape)
+        if not all(g.is_identity for g in geoms):
+            from infnets._src.core.masking import reject_kernel_mask
+
+            reject_kernel_mask(k, repr(self), "mixes neighbouring positions (filter or stride > 1)")
         full = k.is_full_spatial
         lead = 1 if k.is_packed else 2
         size = math.prod(self.filter_shape)

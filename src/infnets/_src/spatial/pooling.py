@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from infnets._src.core import masking
 from infnets._src.core.kernel import Kernel, spatial_diagonal
 from infnets._src.core.protocol import Params, ShapeTree
 from infnets._src.layers.base import Layer
@@ -120,6 +121,7 @@ class _Pool(Layer):
     def apply(self, params: Params, x: Any) -> Any:
         _single(self, x)
         check_spatial_rank(x.ndim, self.ndim, repr(self), x.shape)
+        masking.reject_mask(repr(self))
         geoms = self.geometry(tuple(x.shape[2:]))
         strides = tuple(g.s for g in geoms)
         y = _AVG_FNS[self.ndim](pad_input(x, geoms), self.window_shape, strides)
@@ -140,6 +142,7 @@ class _Pool(Layer):
         _single(self, k)
         check_spatial_rank(len(k.shape1), self.ndim, repr(self), k.shape1)
         _needs_full(self, k)
+        masking.reject_kernel_mask(k, repr(self))
         geoms = self.geometry(k.spatial_shape)
         full = k.is_full_spatial
         div = self._divisors(geoms, k.nngp)
@@ -272,12 +275,19 @@ class _GlobalPool(Layer):
         _single(self, x)
         _spatial(self, x.shape)
         dims = tuple(range(2, x.ndim))
+        mask = masking.current_mask(x, repr(self))
+        if mask is not None:  # real positions only: sum, or mean over the example's count
+            keep = (~mask).unsqueeze(1).to(x.dtype)
+            total = (x * keep).sum(dim=dims)
+            return total / keep.sum(dim=dims).clamp(min=1) if self._mean else total
         return x.mean(dim=dims) if self._mean else x.sum(dim=dims)
 
     def kernel(self, k: Any) -> Any:
         _single(self, k)
         _spatial(self, k.shape1)
         _needs_full(self, k)
+        if k.mask1 is not None or k.mask2 is not None:
+            return _masked_global(k, self._mean)
         lead = _lead(k)
         return k.replace(
             nngp=_global_reduce(k.nngp, lead, self._mean),
@@ -288,6 +298,37 @@ class _GlobalPool(Layer):
             shape2=tuple(k.shape2[:2]),
             diagonal_spatial=False,
         )
+
+
+def _masked_global(k: Kernel, mean: bool) -> Kernel:
+    """Global pooling over the real positions: ``K' = sum_{p, p' real} K(p, p') / (n n')``
+    with ``n``, ``n'`` the examples' real position counts (``1`` for sums)."""
+    keep1, keep2 = masking.pair_keep(k)  # type: ignore[misc]
+    own = masking.own_keep(k, 1)
+    own2 = None if k.cov2 is None else masking.own_keep(k, 2)
+    lead = _lead(k)
+
+    def red(t: Tensor | None, ka: Tensor, kb: Tensor, n: int) -> Tensor | None:
+        if t is None:
+            return None
+        total = _global_reduce(t * (ka * kb), n, False)
+        if not mean:
+            return total
+        ca = _global_reduce(ka.expand(t.shape[:n] + ka.shape[n:]), n, False)
+        cb = _global_reduce(kb.expand(t.shape[:n] + kb.shape[n:]), n, False)
+        return total / (ca.clamp(min=1) * cb.clamp(min=1))
+
+    return k.replace(
+        nngp=red(k.nngp, keep1, keep2, lead),
+        ntk=red(k.ntk, keep1, keep2, lead),
+        cov1=red(k.cov1, own[0], own[1], 1),  # type: ignore[index]
+        cov2=None if k.cov2 is None else red(k.cov2, own2[0], own2[1], 1),  # type: ignore[index]
+        shape1=tuple(k.shape1[:2]),
+        shape2=tuple(k.shape2[:2]),
+        diagonal_spatial=False,
+        mask1=None,
+        mask2=None,
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -354,6 +395,9 @@ class Flatten(Layer):
 
     def apply(self, params: Params, x: Any) -> Any:
         _single(self, x)
+        mask = masking.current_mask(x, repr(self))
+        if mask is not None:  # padded positions' features are zero
+            x = x * (~mask).unsqueeze(1).to(x.dtype)
         return x if x.ndim <= 2 else x.reshape(x.shape[0], -1)
 
     def kernel(self, k: Any) -> Any:
@@ -361,6 +405,9 @@ class Flatten(Layer):
         if not k.is_spatial:
             return k
         lead = _lead(k)
+        pair_keep = masking.pair_keep(k)
+        if pair_keep is not None:  # zero every covariance of a padded position
+            k = masking.remask(k)
 
         def flat(t: Tensor | None, n: int) -> Tensor | None:
             if t is None:
@@ -379,4 +426,6 @@ class Flatten(Layer):
             shape2=(k.shape2[0], math.prod(k.shape2[1:])),
             is_gaussian=k.is_gaussian and positions == 1,
             diagonal_spatial=False,
+            mask1=None,
+            mask2=None,
         )
