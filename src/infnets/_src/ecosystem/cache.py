@@ -72,9 +72,7 @@ class KernelCache:
     """
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self._entries: collections.OrderedDict[tuple[Any, ...], Tensor] = (
-            collections.OrderedDict()
-        )
+        self._entries: collections.OrderedDict[tuple[Any, ...], Tensor] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._nbytes = 0
         self.hits = 0
