@@ -161,7 +161,7 @@ class NTKSVC(ClassifierMixin, BaseEstimator):
         >>> X, y = load_digits(return_X_y=True)
         >>> X = X[:240] / 16; y = y[:240]
         >>> search = GridSearchCV(NTKSVC(), {'C': [0.1, 1.0, 10.0]}, cv=3).fit(X, y)
-        >>> search.best_score_ > 0.85, search.best_estimator_.decision_function(X[:2]).shape
+        >>> bool(search.best_score_ > 0.85), search.best_estimator_.decision_function(X[:2]).shape
         (True, (2, 10))
     """
 
