@@ -64,6 +64,7 @@ except ImportError as err:  # pragma: no cover - exercised without the extra
 from infnets import predict
 from infnets._src.ecosystem import architectures as arch
 from infnets._src.ecosystem import cache as kc
+from infnets._src.ecosystem.cache import KernelCache, kernel_cache
 from infnets._src.ecosystem.sk_common import as_tensor as _as_tensor
 from infnets._src.ecosystem.sk_common import check_get, default_layer, estimator_layer
 from infnets._src.ecosystem.sk_common import validate as _validate
@@ -83,10 +84,6 @@ __all__ = [
     "class_probabilities",
     "default_layer",
 ]
-
-KernelCache = kc.KernelCache
-#: the process-wide kernel cache (``kernel_cache.info()``, ``.clear()``, ``.max_bytes = 0``)
-kernel_cache = kc.kernel_cache
 
 #: test points per block when predicting (bounds the (M, M) test-test kernels)
 PREDICT_BLOCK = 512

@@ -134,8 +134,11 @@ class KernelCache:
             )
 
 
-#: the process-wide cache used by the scikit-learn estimators and kernels
 kernel_cache = KernelCache()
+"""The process-wide cache of the scikit-learn estimators, kernels and transformer.
+
+``kernel_cache.info()`` (hits, misses, entries, bytes), ``kernel_cache.clear()``,
+``kernel_cache.max_bytes = 2**30`` (the bound; ``0`` turns caching off)."""
 
 
 def data_key(x: Tensor) -> str:
