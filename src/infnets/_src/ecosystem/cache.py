@@ -153,7 +153,7 @@ def data_key(x: Tensor) -> str:
     arr = np.ascontiguousarray(x.detach().cpu().numpy())
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(memoryview(arr).cast("B"))
+    h.update(arr.data)  # C-contiguous: hashed in place, no copy
     return h.hexdigest()
 
 
