@@ -142,7 +142,17 @@ def test_mkdocs_site_builds(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["infnets.sklearn", "infnets.plot", "infnets.gpytorch", "infnets._src.layers.hyper"]
+    "name",
+    [
+        "infnets.sklearn",
+        "infnets.plot",
+        "infnets.gpytorch",
+        "infnets._src.layers.hyper",
+        "infnets._src.ecosystem.sk_svm",
+        "infnets._src.ecosystem.cache",
+        "infnets._src.ecosystem.architectures",
+        "infnets._src.ecosystem.batched",
+    ],
 )
 def test_docstring_examples_run(name):
     import doctest

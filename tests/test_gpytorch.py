@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +134,98 @@ def test_prior_registered():
     kernel = InfiniteWidthKernel(_net(), W_var_prior=prior)
     names = [name for name, *_ in kernel.named_priors()]
     assert names == ["W_var_prior"]
+
+
+# ------------------------------------------------------------------------- batches
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts every kernel evaluation of every infnets layer."""
+    from infnets._src.layers.base import Layer
+
+    calls = []
+    original = Layer._kernel_fn
+
+    def counting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Layer, "_kernel_fn", counting)
+    return calls
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+def test_shared_variances_batch_in_one_pass(get, kernel_calls):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 17, 2, generator=g, dtype=DT)  # 17 >= 16: packed layout per batch
+    z = torch.randn(3, 5, 2, generator=g, dtype=DT)
+    kernel = InfiniteWidthKernel(_net(1.3, 0.2), get=get).to(DT)
+    # the oracle: unbatched kernel_fn of the layer with the kernel's (float32-initialised)
+    # stds as Python floats, one input set at a time
+    w, bias = kernel.W_var.sqrt().item(), kernel.b_var.sqrt().item()
+    ref = _net(w, bias)
+    with torch.no_grad():
+        kernel_calls.clear()
+        k = kernel(x).to_dense()
+        assert len(kernel_calls) == 1  # six input sets, one evaluation
+        kxz = kernel(x, z).to_dense()  # z broadcasts against the leading axis
+        kd = kernel(x, diag=True)
+        kd2 = kernel(x[..., :5, :], z, diag=True)
+    assert k.shape == (2, 3, 17, 17) and kxz.shape == (2, 3, 17, 5) and kd.shape == (2, 3, 17)
+    for i in range(2):
+        for j in range(3):
+            want = ref.kernel_fn(x[i, j], None, get)
+            # the same kernel maps on the same pairs; only the order of the Gram's dot
+            # products (bmm vs matmul) may differ: a few ulps
+            torch.testing.assert_close(k[i, j], want, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(kxz[i, j], ref.kernel_fn(x[i, j], z[j], get),
+                                       rtol=1e-12, atol=1e-14)  # fmt: skip
+            torch.testing.assert_close(kd[i, j], want.diagonal(), rtol=1e-12, atol=1e-14)
+            cross = ref.kernel_fn(x[i, j, :5], z[j], get).diagonal()
+            torch.testing.assert_close(kd2[i, j], cross, rtol=1e-12, atol=1e-14)
+    assert torch.equal(k, k.transpose(-1, -2))
+    # gradients in the shared variances: the sum of the per-set gradients
+    kernel.zero_grad()
+    kernel(x).to_dense().sum().backward()
+    batched_grad = kernel.raw_W_var.grad.clone()
+    kernel.zero_grad()
+    sum(kernel(x[i, j]).to_dense().sum() for i in range(2) for j in range(3)).backward()
+    # values agree to ~1e-15; derivatives of the arc-cosine maps at correlation ~1 (the
+    # diagonal pairs) scale rounding of the correlation by ~1/sqrt(eps): 1e-8 relative
+    torch.testing.assert_close(batched_grad, kernel.raw_W_var.grad, rtol=1e-8, atol=0)
+
+
+def test_per_batch_variances(kernel_calls):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 6, 2, generator=g, dtype=DT)  # 3 input sets for each of 2 GPs
+    kernel = InfiniteWidthKernel(_net(), get="ntk", batch_shape=torch.Size([2])).to(DT)
+    assert kernel.W_var.shape == (2,) and kernel.b_var.shape == (2,)
+    kernel.W_var = torch.tensor([1.0, 2.25], dtype=DT)
+    kernel.b_var = torch.tensor([0.01, 0.09], dtype=DT)
+    # float64 parameters through the positivity constraint: the stds as the kernel holds them
+    stds = list(zip(kernel.W_var.sqrt().tolist(), kernel.b_var.sqrt().tolist()))
+    np.testing.assert_allclose(stds, [(1.0, 0.1), (1.5, 0.3)], rtol=1e-12)
+    with torch.no_grad():
+        kernel_calls.clear()
+        k = kernel(x).to_dense()
+        assert len(kernel_calls) == 2  # one pass per set of variances
+        kd = kernel(x, diag=True)
+        k2 = kernel(x[0]).to_dense()  # (2, 6, 2): one input set per GP
+    assert k.shape == (3, 2, 6, 6) and kd.shape == (3, 2, 6) and k2.shape == (2, 6, 6)
+    for i in range(3):
+        for b, (w, bias) in enumerate(stds):
+            want = _net(w, bias).kernel_fn(x[i, b], None, "ntk")
+            torch.testing.assert_close(k[i, b], want, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(kd[i, b], want.diagonal(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(k2, k[0])
+    assert kernel.layer(1).layers[0].W_std.item() == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="batch indices"):
+        kernel.layer()
+    # a batch of two exact GPs, one marginal likelihood each
+    y = torch.sin(x[0, :, :, 0])
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=torch.Size([2])).to(DT)
+    model = _GP(x[0], y, likelihood, kernel).to(DT)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    loss = -mll(model(x[0]), y)
+    assert loss.shape == (2,)
+    loss.sum().backward()
+    assert kernel.raw_W_var.grad.shape == (2,) and bool(torch.all(kernel.raw_W_var.grad != 0))

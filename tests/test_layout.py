@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "predict": {"core"},
     "empirical": {"core"},
     "scale": {"core", "evaluate", "layers", "predict"},
+    "ecosystem": {"core", "evaluate", "layers", "elementwise", "predict", "app"},
     "app": {"*"},
 }
 #: deliberate call-time imports of public modules (module -> public module)

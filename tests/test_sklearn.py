@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import numpy as np
@@ -17,11 +18,14 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from infnets import predict, stax
 from infnets._src.layers.hyper import affine_layers, kernel_jacobian, with_stds
 from infnets.sklearn import (
+    NTKSVC,
     InfiniteWidthKernel,
     NNGPRegressor,
     NTKClassifier,
     NTKRegressor,
+    NTKTransformer,
     class_probabilities,
+    kernel_cache,
 )
 
 
@@ -51,7 +55,28 @@ def _one_thread():
 
 
 # ---------------------------------------------------------------- estimator checks
-@parametrize_with_checks([NTKRegressor(), NNGPRegressor(), NTKClassifier()])
+def _expected_failures(estimator):  # type: ignore[no-untyped-def]
+    if isinstance(estimator, NTKSVC):  # inherited from libsvm; sklearn marks SVC the same way
+        reason = "SVC: sample_weight is not equivalent to removing/repeating samples."
+        return {"check_sample_weight_equivalence_on_dense_data": reason}
+    return {}
+
+
+_CHECKED = [
+    NTKRegressor(),
+    NTKRegressor(get="ntkgp"),
+    NNGPRegressor(),
+    NTKClassifier(),
+    NTKSVC(),
+    NTKTransformer(),
+]
+if "expected_failed_checks" in inspect.signature(parametrize_with_checks).parameters:
+    _checks = parametrize_with_checks(_CHECKED, expected_failed_checks=_expected_failures)
+else:  # scikit-learn < 1.6: NTKSVC declares it in its _xfail_checks tag
+    _checks = parametrize_with_checks(_CHECKED)
+
+
+@_checks
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)
 
@@ -262,3 +287,220 @@ def test_estimator_pickle_roundtrip():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         clone(reg)
+
+
+# ------------------------------------------- grid searches, the kernel cache, the SVM
+def _digits(n: int = 90) -> tuple[np.ndarray, np.ndarray]:
+    x, y = load_digits(return_X_y=True)
+    keep = y < 3  # three classes: small folds still hold every class
+    return (x[keep][:n] - 8.0) / 8.0, y[keep][:n]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts every kernel evaluation of every infnets layer (``layer.kernel_fn(...)`` and
+    ``layer(...)`` both call ``Layer._kernel_fn``)."""
+    from infnets._src.layers.base import Layer
+
+    calls = []
+    original = Layer._kernel_fn
+
+    def counting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args[0].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Layer, "_kernel_fn", counting)
+    kernel_cache.clear()
+    yield calls
+    kernel_cache.clear()
+
+
+def _svm_searchers() -> dict[str, object]:
+    from sklearn.pipeline import Pipeline
+
+    return {
+        "NTKSVC": (NTKSVC(_net()), "C"),
+        "pipeline": (
+            Pipeline([("k", NTKTransformer(_net())), ("svc", SVC(kernel="precomputed"))]),
+            "svc__C",
+        ),
+        "callable kernel": (SVC(kernel=InfiniteWidthKernel(_net(), get="ntk")), "C"),
+    }
+
+
+@pytest.mark.parametrize("how", ["NTKSVC", "pipeline", "callable kernel"])
+def test_grid_search_over_c_evaluates_each_kernel_once_per_fold(how, kernel_calls):
+    from sklearn.model_selection import GridSearchCV
+
+    x, y = _digits()
+    est, name = _svm_searchers()[how]
+    grid = {name: [0.01, 0.1, 1.0, 10.0]}
+    search = GridSearchCV(est, grid, cv=3).fit(x, y)
+    # per fold one train kernel and one test kernel, whatever the number of C values;
+    # then one train kernel for the refit on all the data
+    assert len(kernel_calls) == 3 * 2 + 1
+    assert search.best_score_ > 0.9
+    hits = kernel_cache.info().hits
+    assert hits == 3 * (len(grid[name]) - 1) * 2  # every other (C, fold) reads the cache
+
+    # with the cache off every (C, fold) evaluates both kernels again
+    kernel_calls.clear()
+    kernel_cache.max_bytes = 0
+    try:
+        again = GridSearchCV(clone(est), grid, cv=3).fit(x, y)
+    finally:
+        kernel_cache.max_bytes = 256 * 2**20
+    assert len(kernel_calls) == 4 * 3 * 2 + 1
+    np.testing.assert_array_equal(
+        again.cv_results_["mean_test_score"], search.cv_results_["mean_test_score"]
+    )
+
+
+def test_grid_over_architectures_given_as_text(kernel_calls):
+    from sklearn.model_selection import GridSearchCV
+
+    x, y = _digits()
+    shallow = "serial(Dense(64, W_std=1.5, b_std=0.05), Relu(), Dense(1, W_std=1.5))"
+    deep = (
+        "serial(Dense(64, W_std=1.5, b_std=0.05), Relu(), Dense(64, W_std=1.5, b_std=0.05), "
+        "Relu(), Dense(64, W_std=1.5, b_std=0.05), Relu(), Dense(1, W_std=1.5))"
+    )
+    grid = {"layer": [shallow, deep], "C": [0.1, 1.0, 10.0]}
+    search = GridSearchCV(NTKSVC(), grid, cv=3).fit(x, y)
+    assert len(kernel_calls) == 2 * 3 * 2 + 1  # per (architecture, fold), then the refit
+    params = search.cv_results_["params"]
+    assert {str(p["layer"]) for p in params} == {shallow, deep}
+    assert search.best_params_["layer"] in (shallow, deep)
+    assert search.best_estimator_.layer == search.best_params_["layer"]
+    assert "NTKSVC(layer='serial(Dense(64" in repr(search.best_estimator_)
+    # the same architectures given as layers print as distinct architectures too
+    by_layer = GridSearchCV(NTKSVC(), {"layer": [_net(), _net(0.7, 0.1)]}, cv=2).fit(x, y)
+    texts = {repr(p["layer"]) for p in by_layer.cv_results_["params"]}
+    assert len(texts) == 2 and all(t.startswith("serial(Dense(") for t in texts)
+
+
+def test_kernel_equality_repr_and_text_architectures():
+    text = "serial(Dense(64, W_std=1.2, b_std=0.3), Relu(), Dense(1, W_std=1.2, b_std=0.3))"
+    net = stax.serial(stax.Dense(64, W_std=1.2, b_std=0.3), stax.Relu(),
+                      stax.Dense(1, W_std=1.2, b_std=0.3))  # fmt: skip
+    k = InfiniteWidthKernel(net, get="ntk")
+    assert k == clone(k) and clone(k) == k
+    assert k == InfiniteWidthKernel(text, get="ntk")  # the same architecture as text
+    assert k != InfiniteWidthKernel(net, get="nngp")
+    assert k != InfiniteWidthKernel(_net(1.2, 0.3), get="ntk")  # another depth
+    assert k != InfiniteWidthKernel(net, get="ntk", W_std=1.3)
+    assert "serial(Dense(out_dim=64" in repr(k) and "get='ntk'" in repr(k)
+    assert repr(k) != repr(InfiniteWidthKernel(_net(1.2, 0.3), get="ntk"))
+    # the text builds the same kernel as the layer, and reads its stds
+    x, _ = _data(9)
+    ref = net.kernel_fn(torch.as_tensor(x), None, "ntk").numpy()
+    text_kernel = InfiniteWidthKernel(text, get="ntk")
+    assert (text_kernel.W_std, text_kernel.b_std) == (1.2, 0.3)
+    np.testing.assert_allclose(text_kernel(x), ref, rtol=1e-12)
+    with pytest.raises(ValueError, match="not a stax expression"):
+        InfiniteWidthKernel("serial(Dense(8), __import__('os'))")
+
+    # a factory compares by identity, which clone preserves
+    def layer_fn(W_std, b_std):  # noqa: N803
+        return stax.serial(stax.Dense(8, W_std=W_std, b_std=b_std), stax.Relu(), stax.Dense(1))
+
+    kf = InfiniteWidthKernel(layer_fn, W_std=1.0, b_std=0.1)
+    assert kf == clone(kf) and "<factory" in repr(kf)
+    # the default kernel is the NNGP, as in infnets.gpytorch (documented)
+    assert InfiniteWidthKernel(net).get == "nngp"
+
+
+def test_kernel_cache_keys_bounds_and_copies(kernel_calls):
+    from infnets._src.ecosystem.cache import KernelCache, kernels
+
+    x, _ = _data(12)
+    xt = torch.as_tensor(x)
+    net = _net()
+    ref = _net().kernel_fn(xt, None, ("nngp", "ntk"))  # another object: no shared state
+    cache = KernelCache(max_bytes=10 * 12 * 12 * 8)
+    first = kernels(net, xt, None, ("nngp", "ntk"), cache)
+    torch.testing.assert_close(first["ntk"], ref.ntk, rtol=0, atol=0)
+    first["ntk"].mul_(0.0)  # callers own what they get
+    calls = len(kernel_calls)
+    again = kernels(_net(), xt.clone(), None, ("ntk",), cache)  # equal architecture, data
+    assert len(kernel_calls) == calls  # served from the cache
+    torch.testing.assert_close(again["ntk"], ref.ntk, rtol=0, atol=0)
+    moved = xt.clone()
+    moved[0, 0] += 1e-12  # any change of the data is another key
+    kernels(net, moved, None, ("ntk",), cache)
+    assert len(kernel_calls) == calls + 1
+    kernels(net, xt, xt, ("ntk",), cache)  # (x, x) is not the symmetric (x, None) problem
+    assert len(kernel_calls) == calls + 2
+    assert cache.info().entries == 4
+    cache.max_bytes = 2 * 12 * 12 * 8  # shrinking evicts the least recently used
+    assert cache.info().entries == 2 and cache.info().nbytes == 2 * 12 * 12 * 8
+    # a layer whose repr does not describe it (a function inside) is never cached
+    fn_net = stax.serial(stax.Dense(8), stax.Elementwise(torch.tanh, lambda c, q1, q2: c))
+    kernels(fn_net, xt, None, ("nngp",), cache)
+    kernels(fn_net, xt, None, ("nngp",), cache)
+    assert len(kernel_calls) == calls + 4
+
+
+def test_ntkgp_regressor_matches_closed_form():
+    x, y = _data(30)
+    xs, _ = _data(7, seed=3)
+    net = _net()
+    lam_rel = 1e-3
+    # the oracle: numpy linear algebra on kernel matrices from kernel_fn
+    theta = net.kernel_fn(torch.as_tensor(x), None, "ntk").numpy()
+    theta_sx = net.kernel_fn(torch.as_tensor(xs), torch.as_tensor(x), "ntk").numpy()
+    theta_ss = net.kernel_fn(torch.as_tensor(xs), None, "ntk").numpy()
+    reg = theta + lam_rel * np.mean(np.diag(theta)) * np.eye(30)
+    mean = theta_sx @ np.linalg.solve(reg, y)
+    var = np.diag(theta_ss - theta_sx @ np.linalg.solve(reg, theta_sx.T))
+    est = NTKRegressor(net, get="ntkgp", diag_reg=lam_rel).fit(x, y)
+    got_mean, got_std = est.predict(xs, return_std=True)
+    # cond(reg) < 1e4: the two float64 solves agree to ~1e-12 relative
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-9, atol=1e-12)
+    # the variance subtracts two O(1) terms; 1e-12 absolute error -> std error 1e-12 / std
+    np.testing.assert_allclose(got_std, np.sqrt(var), rtol=1e-6, atol=1e-7)
+    # the NTK-GP mean is the NTK ensemble's mean; its uncertainty differs
+    ntk_mean, ntk_std = NTKRegressor(net, diag_reg=lam_rel).fit(x, y).predict(xs, True)
+    np.testing.assert_allclose(ntk_mean, got_mean, rtol=1e-9, atol=1e-12)
+    assert np.max(np.abs(ntk_std - got_std)) > 1e-3
+    # the NTK-GP ensemble in time: the NTK prior at t -> 0, the posterior at t -> inf
+    early = NTKRegressor(net, get="ntkgp", diag_reg=lam_rel, t=1e-9).fit(x, y)
+    m0, s0 = early.predict(xs, return_std=True)
+    np.testing.assert_allclose(m0, 0.0, atol=1e-6)
+    np.testing.assert_allclose(s0, np.sqrt(np.diag(theta_ss)), rtol=1e-6)
+    late = NTKRegressor(net, get="ntkgp", diag_reg=lam_rel, t=1e7).fit(x, y)
+    m1, s1 = late.predict(xs, return_std=True)
+    np.testing.assert_allclose(m1, mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(s1, np.sqrt(var), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="get must be"):
+        NTKRegressor(net, get="nngp").fit(x, y)
+    labels = (y > np.median(y)).astype(int)
+    clf = NTKClassifier(net, get="ntkgp").fit(x, labels)
+    np.testing.assert_allclose(clf.predict_proba(xs).sum(1), 1.0, rtol=1e-10)
+
+
+def test_transformer_and_svc_agree_with_precomputed_kernels():
+    x, y = _digits(120)
+    xtr, ytr, xte = x[:80], y[:80], x[80:]
+    net = _net()
+    k_train = net.kernel_fn(torch.as_tensor(xtr), None, "ntk").numpy()
+    k_test = net.kernel_fn(torch.as_tensor(xte), torch.as_tensor(xtr), "ntk").numpy()
+    tr = NTKTransformer(net).fit(xtr)
+    np.testing.assert_allclose(tr.transform(xtr), k_train, rtol=1e-12)
+    np.testing.assert_allclose(tr.fit_transform(xtr), k_train, rtol=1e-12)
+    np.testing.assert_allclose(tr.transform(xte), k_test, rtol=1e-12)
+    assert tr.get_feature_names_out().shape == (80,)
+    ref = SVC(kernel="precomputed", C=3.0).fit(k_train, ytr)
+    svc = NTKSVC(net, C=3.0).fit(xtr, ytr)
+    np.testing.assert_allclose(
+        svc.decision_function(xte), ref.decision_function(k_test), rtol=1e-8, atol=1e-10
+    )
+    np.testing.assert_array_equal(svc.predict(xte), ref.predict(k_test))
+    assert svc.score(xte, y[80:]) == ref.score(k_test, y[80:])
+    nngp = NTKTransformer(net, get="nngp").fit(xtr).transform(xte)
+    np.testing.assert_allclose(
+        nngp, net.kernel_fn(torch.as_tensor(xte), torch.as_tensor(xtr), "nngp").numpy(),
+        rtol=1e-12,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="get must be"):
+        NTKSVC(net, get="ntkgp").fit(xtr, ytr)

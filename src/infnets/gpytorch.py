@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ except ImportError as err:  # pragma: no cover - exercised without the extra
         "infnets.gpytorch needs GPyTorch: pip install 'infnets[gpytorch]' (or gpytorch)."
     ) from err
 
+from infnets._src.ecosystem.batched import batched_kernel
 from infnets._src.layers import hyper as lh
 from infnets._src.layers.base import Layer
 
@@ -61,14 +63,36 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
 
     The variances are stored as raw parameters ``raw_W_var``/``raw_b_var`` mapped
     through a positivity constraint (``Positive()`` by default), GPyTorch's pattern for
-    ``lengthscale`` and ``outputscale``. Inputs are ``(..., N, D)``; leading batch axes
-    are looped over. When ``x1`` and ``x2`` are the same tensor the symmetric kernel
-    is computed once (exactly symmetric, about half the work).
+    ``lengthscale`` and ``outputscale``. When ``x1`` and ``x2`` are the same tensor the
+    symmetric kernel is computed once (exactly symmetric, about half the work).
+
+    Batches: inputs are ``(..., N, D)``. With ``batch_shape=()`` (default) the variances
+    are shared and every leading batch of input sets is evaluated in one vectorised pass
+    of the kernel maps, no Python loop (all wanted pairs of all batches form one packed
+    kernel record: :func:`infnets._src.ecosystem.batched.batched_kernel`). With
+    ``batch_shape=(B,)`` (e.g. one GP per task) ``W_var``/``b_var`` have shape ``(B,)``,
+    one pair of variances per batch entry; each of the ``B`` sets of variances is then
+    one such pass over its inputs (a loop over the ``B`` hyper-parameter sets, since
+    the layers take scalar standard deviations). Inputs reshaped to images
+    (``input_shape``) are looped over per batch entry.
+
+    ``W_var`` and ``ScaleKernel``: the readout layer multiplies the kernel by ``W_var``,
+    so ``ScaleKernel(InfiniteWidthKernel(...))`` has overlapping parameters. For an
+    architecture without biases whose nonlinearities are positively homogeneous (ReLU,
+    ``ABRelu``, ``LeakyRelu``) the kernel of depth ``L`` is exactly ``W_var^L`` times a
+    fixed kernel, so ``outputscale`` and ``W_var`` are not identifiable (only
+    ``outputscale * W_var^L`` is): use one of them (fix the other, e.g.
+    ``kernel.raw_W_var.requires_grad_(False)``). With biases or other nonlinearities
+    (``Erf``) ``W_var`` also changes the kernel's shape, and a ``ScaleKernel`` adds one
+    more degree of freedom, an output scale separate from the weights of every layer.
+
+    ``get`` defaults to ``'nngp'``, as in :class:`infnets.sklearn.InfiniteWidthKernel`:
+    a GP kernel is the prior covariance of the network's outputs.
 
     Args:
         layer: an infnets layer (all its affine layers use the shared variances; those
             without a bias keep none) or a factory ``layer_fn(W_std, b_std) -> Layer``.
-        get: ``'nngp'`` or ``'ntk'``.
+        get: ``'nngp'`` (default) or ``'ntk'``.
         W_std: initial weight standard deviation; ``None`` reads it from the first
             affine layer of ``layer`` (required with a factory).
         b_std: initial bias standard deviation; ``None`` reads it from ``layer``; no
@@ -79,7 +103,8 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
         b_var_constraint: constraint of ``b_var`` (default ``Positive()``).
         W_var_prior: optional GPyTorch prior on ``W_var``.
         b_var_prior: optional GPyTorch prior on ``b_var``.
-        **kwargs: passed to ``gpytorch.kernels.Kernel`` (e.g. ``active_dims``).
+        **kwargs: passed to ``gpytorch.kernels.Kernel`` (e.g. ``active_dims``,
+            ``batch_shape``).
 
     Examples:
         >>> import torch, gpytorch
@@ -99,6 +124,15 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
         >>> model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood())
         >>> sorted(name for name, _ in model.covar_module.named_parameters())
         ['raw_W_var', 'raw_b_var']
+
+        A batch of 4 input sets, one kernel call; and 2 GPs with their own variances:
+
+        >>> net = stax.serial(stax.Dense(1, W_std=1.0, b_std=0.1), stax.Relu(), stax.Dense(1))
+        >>> InfiniteWidthKernel(net)(torch.randn(4, 6, 3)).to_dense().shape
+        torch.Size([4, 6, 6])
+        >>> two = InfiniteWidthKernel(net, batch_shape=torch.Size([2]))
+        >>> two.W_var.shape, two(torch.randn(2, 6, 3)).to_dense().shape
+        (torch.Size([2]), torch.Size([2, 6, 6]))
     """
 
     has_lengthscale = False
@@ -106,7 +140,7 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
     def __init__(
         self,
         layer: lh.LayerSpec,
-        get: str = "nngp",
+        get: str = lh.DEFAULT_GET,
         W_std: float | None = None,  # noqa: N803 - the papers' names
         b_std: float | None = None,
         input_shape: Sequence[int] | None = None,
@@ -120,8 +154,6 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
         who = "InfiniteWidthKernel"
         if get not in _GETS:
             raise ValueError(f"{who}: get must be 'nngp' or 'ntk', got {get!r}.")
-        if len(self.batch_shape) != 0:
-            raise ValueError(f"{who}: batch_shape is not supported; use one kernel per task.")
         if isinstance(layer, Layer) and (W_std is None or b_std is None):
             w0, b0 = lh.read_stds(layer, who)
             W_std = w0 if W_std is None else W_std  # noqa: N806
@@ -146,7 +178,7 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
         self, name: str, value: float, constraint: Interval | None, prior: Prior | None
     ) -> None:
         raw = "raw_" + name
-        self.register_parameter(raw, torch.nn.Parameter(torch.zeros(())))
+        self.register_parameter(raw, torch.nn.Parameter(torch.zeros(self.batch_shape)))
         self.register_constraint(raw, Positive() if constraint is None else constraint)
         if prior is not None:
             self.register_prior(
@@ -167,7 +199,7 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
     # ------------------------------------------------------------ variances
     @property
     def W_var(self) -> Tensor:  # noqa: N802 - the papers' names
-        """The weight variance ``W_std^2`` (a positive scalar tensor)."""
+        """The weight variance ``W_std^2``: positive, of shape ``batch_shape``."""
         return self.raw_W_var_constraint.transform(self.raw_W_var)
 
     @W_var.setter
@@ -187,13 +219,26 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
             raise AttributeError("InfiniteWidthKernel: this architecture has no bias variance.")
         self._set_variance("b_var", value)
 
-    def layer(self) -> Layer:
-        """The architecture with the current ``W_std``/``b_std`` (tensors, differentiable)."""
+    def layer(self, *index: int) -> Layer:
+        """The architecture with the current ``W_std``/``b_std`` (tensors, differentiable).
+
+        Args:
+            *index: with a ``batch_shape``, the batch entry whose variances to use (one
+                integer per batch axis); none without.
+
+        Returns:
+            An infnets layer.
+        """
+        if len(index) != len(self.batch_shape):
+            raise ValueError(
+                f"InfiniteWidthKernel.layer: pass {len(self.batch_shape)} batch indices "
+                f"(batch_shape {tuple(self.batch_shape)}), got {index}."
+            )
         b_var = self.b_var
         return lh.build_layer(
             self.layer_spec,
-            self.W_var.sqrt(),
-            None if b_var is None else b_var.sqrt(),
+            self.W_var[index].sqrt(),
+            None if b_var is None else b_var[index].sqrt(),
             "InfiniteWidthKernel",
         )
 
@@ -220,15 +265,40 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
         """
         if last_dim_is_batch:
             raise NotImplementedError("InfiniteWidthKernel does not support last_dim_is_batch.")
-        layer = self.layer()
-        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
-        if batch:
-            x1b = x1.expand(*batch, *x1.shape[-2:]).reshape(-1, *x1.shape[-2:])
-            x2b = x2.expand(*batch, *x2.shape[-2:]).reshape(-1, *x2.shape[-2:])
-            outs = [self._single(layer, a, b, diag) for a, b in zip(x1b, x2b)]
-            out = torch.stack(outs)
+        nb = len(self.batch_shape)
+        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
+        if not batch:
+            return self._single(self.layer(), x1, x2, diag)
+        same = x1 is x2 or (x1.shape == x2.shape and bool(torch.equal(x1, x2)))
+        a = x1.expand(*batch, *x1.shape[-2:])
+        b = x2.expand(*batch, *x2.shape[-2:])
+        if nb == 0:
+            a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+            out = self._batch(self.layer(), a, b, same, diag)
             return out.reshape(*batch, *out.shape[1:])
-        return self._single(layer, x1, x2, diag)
+        # one pass per set of variances: batch_shape axes first, the other batch axes within
+        lead = len(batch) - nb
+        order = list(range(lead, len(batch))) + list(range(lead))
+        a = a.permute(*order, a.ndim - 2, a.ndim - 1)
+        b = b.permute(*order, b.ndim - 2, b.ndim - 1)
+        outs = []
+        for index in itertools.product(*(range(s) for s in self.batch_shape)):
+            ai = a[index].reshape(-1, *a.shape[-2:])
+            bi = b[index].reshape(-1, *b.shape[-2:])
+            outs.append(self._batch(self.layer(*index), ai, bi, same, diag))
+        out = torch.stack(outs).reshape(*self.batch_shape, *batch[:lead], *outs[0].shape[1:])
+        back = list(range(nb, nb + lead)) + list(range(nb))
+        return out.permute(*back, *range(len(batch), out.ndim))
+
+    def _batch(self, layer: Layer, a: Tensor, b: Tensor, same: bool, diag: bool) -> Tensor:
+        """``(L, N1, N2)`` (or ``(L, N1)``) kernels of ``L`` input sets with shared variances."""
+        if self.input_shape is None:
+            if diag and not same and a.shape[-2] != b.shape[-2]:
+                raise RuntimeError("InfiniteWidthKernel: diag=True needs x1 and x2 of equal size.")
+            return batched_kernel(layer, a, None if same else b, self.get, diag)
+        # images: the packed record is fully connected only; one call per input set
+        return torch.stack([self._single(layer, a[i], a[i] if same else b[i], diag)
+                            for i in range(a.shape[0])])  # fmt: skip
 
     def _single(self, layer: Layer, x1: Tensor, x2: Tensor, diag: bool) -> Tensor:
         same = x1 is x2 or (x1.shape == x2.shape and bool(torch.equal(x1, x2)))

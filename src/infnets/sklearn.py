@@ -1,4 +1,4 @@
-r"""Infinite-width networks for scikit-learn: a kernel and three estimators.
+r"""Infinite-width networks for scikit-learn: a kernel, estimators, a kernel transformer.
 
 * :class:`InfiniteWidthKernel` is a ``sklearn.gaussian_process.kernels.Kernel``: the NTK
   or NNGP of an :mod:`infnets.stax` architecture, with the weight and bias standard
@@ -11,8 +11,19 @@ r"""Infinite-width networks for scikit-learn: a kernel and three estimators.
   any depth evolve as linear models under gradient descent") or with the Bayesian
   posterior of the NNGP (Lee et al. 2018, "Deep neural networks as Gaussian processes"),
   at convergence or at a finite training time ``t``.
+  ``NTKRegressor(get='ntkgp')`` gives the NTK-GP of He, Lakshminarayanan & Teh 2020.
 * :class:`NTKClassifier` regresses centred one-hot targets and turns the Gaussian
   posterior into class probabilities: ``P(class c has the largest output)``.
+* :class:`NTKSVC` is a support-vector classifier on the NTK (``SVC(kernel='precomputed')``
+  inside); :class:`NTKTransformer` turns inputs into their kernel against the training
+  set, so ``make_pipeline(NTKTransformer(), SVC(kernel='precomputed'))`` works.
+
+Kernel matrices are cached per process (:data:`kernel_cache`), keyed by the architecture's
+canonical text, the kernel and a digest of the data: a ``GridSearchCV`` over parameters
+that leave the kernel unchanged (``C``, ``diag_reg``) evaluates it once per (architecture,
+fold). Architectures may be given as layers or as ``stax`` text, e.g.
+``param_grid={'layer': ['serial(Dense(512), Relu(), Dense(1))', ...]}``; both print as the
+architecture in ``best_params_``.
 
 The estimators follow scikit-learn's conventions (``fit``/``predict``/``score``,
 ``get_params``/``set_params``, ``clone``, pickling, ``check_estimator``). The input kernel
@@ -50,52 +61,38 @@ except ImportError as err:  # pragma: no cover - exercised without the extra
         "infnets.sklearn needs scikit-learn: pip install 'infnets[sklearn]' (or scikit-learn)."
     ) from err
 
-from infnets import predict, stax
+from infnets import predict
+from infnets._src.ecosystem import architectures as arch
+from infnets._src.ecosystem import cache as kc
+from infnets._src.ecosystem.cache import KernelCache, kernel_cache
+from infnets._src.ecosystem.sk_common import as_tensor as _as_tensor
+from infnets._src.ecosystem.sk_common import check_get, default_layer, estimator_layer
+from infnets._src.ecosystem.sk_common import validate as _validate
+from infnets._src.ecosystem.sk_svm import NTKSVC, NTKTransformer
 from infnets._src.layers import hyper as lh
 from infnets._src.layers.base import Layer
 
-__all__ = ["InfiniteWidthKernel", "NTKRegressor", "NNGPRegressor", "NTKClassifier", "default_layer"]
+__all__ = [
+    "InfiniteWidthKernel",
+    "NTKRegressor",
+    "NNGPRegressor",
+    "NTKClassifier",
+    "NTKSVC",
+    "NTKTransformer",
+    "KernelCache",
+    "kernel_cache",
+    "class_probabilities",
+    "default_layer",
+]
 
-_GETS = ("nngp", "ntk")
 #: test points per block when predicting (bounds the (M, M) test-test kernels)
 PREDICT_BLOCK = 512
 #: Gauss-Hermite nodes of the class-probability integral
 N_QUADRATURE = 48
 
 
-def default_layer(width: int = 512) -> Layer:
-    """The estimators' default architecture: two ReLU hidden layers, NTK parameterization.
-
-    ``serial(Dense(w, 1.5, 0.05), Relu(), Dense(w, 1.5, 0.05), Relu(), Dense(1, 1.5, 0.05))``
-    (the width does not change the infinite-width kernels; it sets the finite twin).
-
-    Args:
-        width: hidden width of the finite twin.
-
-    Returns:
-        An infnets layer.
-    """
-    return stax.serial(
-        stax.Dense(width, W_std=1.5, b_std=0.05),
-        stax.Relu(),
-        stax.Dense(width, W_std=1.5, b_std=0.05),
-        stax.Relu(),
-        stax.Dense(1, W_std=1.5, b_std=0.05),
-    )
-
-
 def _check_get(get: Any, who: str) -> str:
-    if get not in _GETS:
-        raise ValueError(f"{who}: get must be 'nngp' or 'ntk', got {get!r}.")
-    return get
-
-
-def _as_tensor(x: Any, input_shape: Sequence[int] | None, who: str) -> Tensor:
-    """Rows of a float64 array as a (copied) float64 tensor, reshaped for the layer."""
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"{who}: expected a 2-D array (n_samples, n_features), got {arr.shape}.")
-    return lh.reshape_inputs(torch.tensor(arr, dtype=torch.float64), input_shape, who)
+    return check_get(get, who, ("nngp", "ntk"))
 
 
 # ===================================================================== kernel
@@ -116,11 +113,22 @@ class InfiniteWidthKernel(Kernel):
     computed by autograd through the kernel maps (``P + 1`` reverse passes for ``P``
     free hyper-parameters, see :func:`infnets._src.layers.hyper.kernel_jacobian`).
 
+    Kernel matrices evaluated without the gradient go through the process-wide
+    :data:`kernel_cache`, keyed by the architecture (with the current ``W_std``/``b_std``)
+    and the content of ``X``/``Y``: ``SVC(kernel=InfiniteWidthKernel(...))`` in a
+    ``GridSearchCV`` over ``C`` evaluates the kernel once per fold. Two kernels are equal
+    (``k == clone(k)``) when their architectures have the same canonical text
+    (:func:`infnets._src.ecosystem.architectures.architecture_key`) and their other
+    parameters are equal; ``repr`` shows the architecture.
+
     Args:
         layer: an infnets layer, whose affine layers (``Dense``, ``Conv``) are rebuilt
-            with the shared ``W_std``/``b_std`` (layers without a bias keep none), or a
-            factory ``layer_fn(W_std, b_std) -> Layer`` for any other sharing pattern.
-        get: ``'ntk'`` or ``'nngp'``.
+            with the shared ``W_std``/``b_std`` (layers without a bias keep none), the
+            text of a ``stax`` expression for such a layer (e.g.
+            ``"serial(Dense(512, W_std=1.5), Relu(), Dense(1))"``), or a factory
+            ``layer_fn(W_std, b_std) -> Layer`` for any other sharing pattern.
+        get: ``'nngp'`` (default, as in :class:`infnets.gpytorch.InfiniteWidthKernel`:
+            a kernel object is a prior covariance) or ``'ntk'``.
         W_std: weight standard deviation ``> 0``; ``None`` reads it from the first
             affine layer of ``layer`` (required with a factory).
         b_std: bias standard deviation ``> 0``; ``None`` reads it from ``layer`` (and
@@ -150,8 +158,8 @@ class InfiniteWidthKernel(Kernel):
 
     def __init__(
         self,
-        layer: lh.LayerSpec,
-        get: str = "ntk",
+        layer: lh.LayerSpec | str,
+        get: str = lh.DEFAULT_GET,
         W_std: float | None = None,  # noqa: N803 - the papers' names
         b_std: float | None = None,
         W_std_bounds: tuple[float, float] | str = (1e-2, 1e2),  # noqa: N803
@@ -160,8 +168,9 @@ class InfiniteWidthKernel(Kernel):
     ) -> None:
         self.layer = layer
         self.get = get
-        if isinstance(layer, Layer) and (W_std is None or b_std is None):
-            w0, b0 = lh.read_stds(layer, "InfiniteWidthKernel")
+        if isinstance(layer, (Layer, str)) and (W_std is None or b_std is None):
+            resolved = arch.resolve_layer(layer, "InfiniteWidthKernel")
+            w0, b0 = lh.read_stds(resolved, "InfiniteWidthKernel")
             W_std = w0 if W_std is None else W_std
             b_std = b0 if b_std is None else b_std
         if W_std is None:
@@ -185,7 +194,10 @@ class InfiniteWidthKernel(Kernel):
         return Hyperparameter("b_std", "numeric", bounds)
 
     def _layer(self, W_std: Any, b_std: Any) -> Layer:  # noqa: N803
-        return lh.build_layer(self.layer, W_std, b_std, "InfiniteWidthKernel")
+        spec = self.layer
+        if isinstance(spec, str):
+            spec = arch.resolve_layer(spec, "InfiniteWidthKernel")
+        return lh.build_layer(spec, W_std, b_std, "InfiniteWidthKernel")
 
     def _inputs(self, X: Any) -> Tensor:  # noqa: N803
         return _as_tensor(X, self.input_shape, "InfiniteWidthKernel")
@@ -213,8 +225,8 @@ class InfiniteWidthKernel(Kernel):
         x = self._inputs(X)
         if not eval_gradient:
             y = None if Y is None else self._inputs(Y)
-            layer = self._layer(self.W_std, self.b_std)
-            return lh.kernel_matrix(layer, x, y, get).numpy()
+            layer = self._layer(float(self.W_std), _float_or_none(self.b_std))
+            return kc.kernels(layer, x, y, (get,))[get].numpy()
         if Y is not None:
             raise ValueError("Gradient can only be evaluated when Y is None.")
         has_b = self.b_std is not None
@@ -248,28 +260,45 @@ class InfiniteWidthKernel(Kernel):
         """True: inputs are numeric feature vectors."""
         return True
 
+    def __eq__(self, other: object) -> bool:
+        """Equal type and parameters; architectures compare by their canonical text."""
+        if type(self) is not type(other):
+            return False
+        assert isinstance(other, InfiniteWidthKernel)
+        mine, theirs = self.get_params(), other.get_params()
+        if set(mine) != set(theirs):
+            return False
+        for key, value in mine.items():
+            if key == "layer":
+                if not arch.same_architecture(value, theirs[key]):
+                    return False
+            elif np.any(value != theirs[key]):
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]  # mutable parameters, like sklearn's kernels
+
     def __repr__(self) -> str:
         b = "None" if self.b_std is None else f"{float(self.b_std):.3g}"
-        return f"InfiniteWidthKernel(get={self.get!r}, W_std={float(self.W_std):.3g}, b_std={b})"
+        return (
+            f"InfiniteWidthKernel({arch.describe(self.layer)}, get={self.get!r}, "
+            f"W_std={float(self.W_std):.3g}, b_std={b})"
+        )
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 # ================================================================= estimators
-def _validate(est: BaseEstimator, X: Any, y: Any = "no_validation", **kw: Any) -> Any:  # noqa: N803
-    """``sklearn.utils.validation.validate_data`` (scikit-learn >= 1.6) or its predecessor."""
-    try:
-        from sklearn.utils.validation import validate_data
-    except ImportError:  # scikit-learn < 1.6
-        return est._validate_data(X, y, **kw)  # type: ignore[attr-defined]
-    return validate_data(est, X, y, **kw)
-
-
 class _InfiniteWidthEstimator(BaseEstimator):
     """Shared fit/predict machinery of the estimators (kernels, solves, caching)."""
 
     _fixed_get: str | None = None
+    _gets: tuple[str, ...] = ("nngp", "ntk", "ntkgp")
 
     # subclasses define (or inherit) an explicit __init__ (scikit-learn introspects it)
-    layer: Layer | None
+    layer: Layer | str | None
     diag_reg: float
     diag_reg_absolute_scale: bool
     t: float | None
@@ -277,20 +306,24 @@ class _InfiniteWidthEstimator(BaseEstimator):
     input_shape: Sequence[int] | None
 
     def _get(self) -> str:
-        return self._fixed_get or _check_get(getattr(self, "get", "ntk"), type(self).__name__)
+        if self._fixed_get is not None:
+            return self._fixed_get
+        return check_get(getattr(self, "get", "ntk"), type(self).__name__, self._gets)
 
     def _fit_targets(self, X: Any, targets: np.ndarray) -> None:  # noqa: N803
         name = type(self).__name__
         self._get()  # validates ``get``
-        if self.layer is not None and not isinstance(self.layer, Layer):
-            raise TypeError(f"{name}: layer must be an infnets layer or None.")
         if self.t is not None and not (float(self.t) >= 0):
             raise ValueError(f"{name}: t must be None (convergence) or a time >= 0.")
-        self.layer_ = default_layer() if self.layer is None else self.layer
+        self.layer_ = estimator_layer(self.layer, name)
         self.X_train_ = np.array(X, dtype=np.float64)
         self.targets_ = np.array(targets, dtype=np.float64)
         self._cache: dict[str, Any] = {}
         self._predictor()  # factorize now: errors surface in fit
+
+    def _names(self) -> tuple[str, ...]:
+        """The kernels the posterior of ``get`` needs (NNGP, both, or the NTK alone)."""
+        return {"nngp": ("nngp",), "ntk": ("nngp", "ntk"), "ntkgp": ("ntk",)}[self._get()]
 
     def _predictor(self) -> Any:
         """The cached ``predict`` closure (rebuilt after unpickling)."""
@@ -301,10 +334,11 @@ class _InfiniteWidthEstimator(BaseEstimator):
             return cache["fn"]
         x = _as_tensor(self.X_train_, self.input_shape, type(self).__name__)
         y = torch.as_tensor(self.targets_)
-        kernel_fn = self.layer_.kernel_fn
         if self.t is not None:
+            # the NTK-GP ensemble at time t: prior covariance and training kernel both the NTK
+            alias = {"nngp": "ntk"} if self._get() == "ntkgp" else None
             cache["fn"] = predict.gradient_descent_mse_ensemble(
-                kernel_fn,
+                kc.caching_kernel_fn(self.layer_, alias=alias),
                 x,
                 y,
                 learning_rate=self.learning_rate,
@@ -312,8 +346,7 @@ class _InfiniteWidthEstimator(BaseEstimator):
                 diag_reg_absolute_scale=self.diag_reg_absolute_scale,
             )
         else:
-            names = ("nngp",) if self._get() == "nngp" else ("nngp", "ntk")
-            k_train = kernel_fn(x, None, names)
+            k_train = kc.caching_kernel_fn(self.layer_)(x, None, self._names())
             cache["fn"] = predict.gp_inference(
                 k_train, y, self.diag_reg, self.diag_reg_absolute_scale
             )
@@ -326,16 +359,18 @@ class _InfiniteWidthEstimator(BaseEstimator):
         x = _as_tensor(X, self.input_shape, type(self).__name__)
         fn = self._predictor()
         get = self._get()
-        kernel_fn = self.layer_.kernel_fn
+        kernel_fn = kc.caching_kernel_fn(self.layer_)
         x_train = _as_tensor(self.X_train_, self.input_shape, type(self).__name__)
-        names = ("nngp",) if get == "nngp" else ("nngp", "ntk")
+        names = self._names()
+        test_names = ("ntk",) if get == "ntkgp" else ("nngp",)
         means, variances = [], []
         for lo in range(0, x.shape[0], PREDICT_BLOCK):
             xb = x[lo : lo + PREDICT_BLOCK]
             if self.t is not None:
-                out = fn(t=float(self.t), x_test=xb, get=get, compute_cov=want_var)
+                t_get = "ntk" if get == "ntkgp" else get
+                out = fn(t=float(self.t), x_test=xb, get=t_get, compute_cov=want_var)
             else:
-                k_tt = kernel_fn(xb, None, ("nngp",)) if want_var else None
+                k_tt = kernel_fn(xb, None, test_names) if want_var else None
                 out = fn(get, kernel_fn(xb, x_train, names), k_tt)
             if want_var:
                 means.append(out.mean)
@@ -357,7 +392,7 @@ class _Regressor(RegressorMixin, _InfiniteWidthEstimator):
 
     def __init__(
         self,
-        layer: Layer | None = None,
+        layer: Layer | str | None = None,
         diag_reg: float = 1e-4,
         diag_reg_absolute_scale: bool = False,
         t: float | None = None,
@@ -439,10 +474,21 @@ class NTKRegressor(_Regressor):
     ``μ(x) = Θ(x, X) (Θ(X, X) + λ I)^{-1} Y`` (Lee et al. 2019, eq. 16); at a finite
     time ``t`` (steps of size ``learning_rate``) the factor ``(I - exp(-lr Θ t))``
     enters (:func:`infnets.predict.gradient_descent_mse_ensemble`). The standard
-    deviation is over random initialisations.
+    deviation is over random initialisations:
+
+    * ``get='ntk'``: the ensemble of standard initialisations (prior covariance ``K``),
+      ``σ^2 = K(x, x) - 2 A K(X, x) + A K_r A^T`` with ``A = Θ(x, X) Θ_r^{-1}``;
+    * ``get='ntkgp'``: the NTK-GP of He, Lakshminarayanan & Teh 2020, "Bayesian deep
+      ensembles via the neural tangent kernel": each member's initial function gets a
+      randomised addition that makes its prior covariance ``Θ``, so the trained
+      ensemble is the GP posterior with the NTK as prior,
+      ``σ^2 = Θ(x, x) - Θ(x, X) Θ_r^{-1} Θ(X, x)`` (same mean); at a finite ``t``, the
+      same ensemble after time ``t``.
 
     Args:
-        layer: an infnets architecture; ``None`` for :func:`default_layer`.
+        layer: an infnets architecture or the text of a ``stax`` expression;
+            ``None`` for :func:`default_layer`.
+        get: ``'ntk'`` or ``'ntkgp'``.
         diag_reg: ridge, relative to the kernel's mean diagonal unless
             ``diag_reg_absolute_scale``.
         diag_reg_absolute_scale: treat ``diag_reg`` as absolute.
@@ -457,9 +503,32 @@ class NTKRegressor(_Regressor):
         >>> X = np.linspace(-1, 1, 30)[:, None]; y = X[:, 0] ** 2
         >>> NTKRegressor(diag_reg=1e-4).fit(X, y).score(X, y) > 0.99
         True
+        >>> _, std = NTKRegressor(get='ntkgp').fit(X, y).predict(X[:2], return_std=True)
+        >>> std.shape
+        (2,)
     """
 
-    _fixed_get = "ntk"
+    _gets = ("ntk", "ntkgp")
+
+    def __init__(
+        self,
+        layer: Layer | str | None = None,
+        get: str = "ntk",
+        diag_reg: float = 1e-4,
+        diag_reg_absolute_scale: bool = False,
+        t: float | None = None,
+        learning_rate: float = 1.0,
+        normalize_y: bool = False,
+        input_shape: Sequence[int] | None = None,
+    ) -> None:
+        self.layer = layer
+        self.get = get
+        self.diag_reg = diag_reg
+        self.diag_reg_absolute_scale = diag_reg_absolute_scale
+        self.t = t
+        self.learning_rate = learning_rate
+        self.normalize_y = normalize_y
+        self.input_shape = input_shape
 
 
 class NNGPRegressor(_Regressor):
@@ -471,7 +540,8 @@ class NNGPRegressor(_Regressor):
     the ensemble of networks whose readout layer alone is trained for ``t`` steps.
 
     Args:
-        layer: an infnets architecture; ``None`` for :func:`default_layer`.
+        layer: an infnets architecture or the text of a ``stax`` expression;
+            ``None`` for :func:`default_layer`.
         diag_reg: observation-noise variance, relative to the kernel's mean diagonal
             unless ``diag_reg_absolute_scale``.
         diag_reg_absolute_scale: treat ``diag_reg`` as absolute.
@@ -529,7 +599,8 @@ class NTKClassifier(ClassifierMixin, _InfiniteWidthEstimator):
     r"""Classification by regression of centred one-hot targets with an infinite network.
 
     Targets are ``e_y - 1/C`` for ``C`` classes; the outputs' posterior (NTK ensemble
-    with ``get='ntk'``, NNGP posterior with ``get='nngp'``) is Gaussian with a variance
+    with ``get='ntk'``, NNGP posterior with ``get='nngp'``, NTK-GP posterior of He et al.
+    2020 with ``get='ntkgp'``, see :class:`NTKRegressor`) is Gaussian with a variance
     shared by the classes, ``f_c(x) ~ N(μ_c(x), σ^2(x))`` independently, so
     ``predict_proba`` gives ``P(f_c(x) is the largest)`` (see
     :func:`class_probabilities`) and ``predict`` the class of the largest mean
@@ -537,8 +608,10 @@ class NTKClassifier(ClassifierMixin, _InfiniteWidthEstimator):
     wide neural net").
 
     Args:
-        layer: an infnets architecture; ``None`` for :func:`default_layer`.
-        get: ``'ntk'`` (trained ensemble) or ``'nngp'`` (Bayesian posterior).
+        layer: an infnets architecture or the text of a ``stax`` expression;
+            ``None`` for :func:`default_layer`.
+        get: ``'ntk'`` (trained ensemble), ``'nngp'`` (Bayesian posterior) or
+            ``'ntkgp'`` (the NTK-GP ensemble).
         diag_reg: ridge, relative to the kernel's mean diagonal unless
             ``diag_reg_absolute_scale``.
         diag_reg_absolute_scale: treat ``diag_reg`` as absolute.
@@ -558,7 +631,7 @@ class NTKClassifier(ClassifierMixin, _InfiniteWidthEstimator):
 
     def __init__(
         self,
-        layer: Layer | None = None,
+        layer: Layer | str | None = None,
         get: str = "ntk",
         diag_reg: float = 1e-4,
         diag_reg_absolute_scale: bool = False,

@@ -28,6 +28,7 @@ from torch import Tensor
 from infnets._src.layers.base import Layer
 
 __all__ = [
+    "DEFAULT_GET",
     "LayerSpec",
     "affine_layers",
     "read_stds",
@@ -40,6 +41,11 @@ __all__ = [
 
 #: a layer whose affine layers share W_std/b_std, or a factory ``layer_fn(W_std, b_std)``
 LayerSpec = Layer | Callable[[Any, Any], Layer]
+
+#: the default kernel of the scikit-learn and GPyTorch ``InfiniteWidthKernel`` classes: the
+#: NNGP, the prior covariance of the network's outputs (a kernel object is a GP prior; the
+#: NTK is the ``get='ntk'`` option, and what the ``NTK*`` estimators use)
+DEFAULT_GET = "nngp"
 
 #: rows per block when only the diagonal of a kernel is wanted
 DIAG_BLOCK = 128

@@ -227,7 +227,13 @@ def resolve_client(client: Any, who: str) -> distributed.Client | None:
 
 
 # ------------------------------------------------------------- lazy arrays
-def _as_dask_input(x: Any, name: str, tile: int, da: Any) -> Any:
+def _as_dask_input(x: Any, name: str, tile: int, da: Any, client: Any = None) -> Any:
+    """``x`` as a Dask array of row blocks of ``tile`` examples.
+
+    In-memory inputs are scattered to ``client``'s workers once and referenced by key
+    (the graph holds the future, not the data); without a client (``'threads'``) they
+    are wrapped by ``from_array`` (nothing is sent anywhere).
+    """
     if isinstance(x, da.Array):
         if np.dtype(x.dtype) not in (np.float32, np.float64):
             raise TypeError(f"{name} has dtype {x.dtype}; pass float32 or float64 inputs.")
@@ -236,7 +242,12 @@ def _as_dask_input(x: Any, name: str, tile: int, da: Any) -> Any:
         return x.rechunk((tile,) + tuple(-1 for _ in x.shape[1:]))
     t = _inputs.as_tensor(x, name)
     arr = t.detach().cpu().numpy()
-    return da.from_array(arr, chunks=(tile,) + arr.shape[1:], name=False)
+    if client is None:
+        return da.from_array(arr, chunks=(tile,) + arr.shape[1:], name=False)
+    future = client.scatter(arr, hash=True)  # content-addressed: the same data is sent once
+    meta = np.empty((0,) * arr.ndim, arr.dtype)
+    whole = da.from_delayed(future, arr.shape, dtype=arr.dtype, meta=meta)
+    return whole.rechunk((tile,) + arr.shape[1:])
 
 
 def _graph_tile(
@@ -271,6 +282,19 @@ def kernel_matrix(
     block ``(j, i)`` is the transpose of tile ``(i, j)``. Several kernels of a tuple
     ``get`` share the tile tasks: compute them together
     (``dask.compute(k.nngp, k.ntk)``) to run every tile once.
+
+    Inputs given in memory (tensors, numpy arrays) are scattered to the cluster's workers
+    once (``client.scatter``, content-addressed) and the graph refers to them by key, so
+    the graph stays small whatever the data (no "Sending large graph" warning for, e.g.,
+    20,000 x 100 float64 inputs); the arrays returned are then tied to that client
+    (compute them there, e.g. ``.compute()`` with it the default client). Dask arrays
+    are used as they are, and with ``client='threads'`` nothing is scattered.
+
+    With ``client=None`` and no active ``distributed.Client``, this call **starts a
+    local Dask cluster** (:func:`embedded_client`: worker processes, one per GPU or
+    else per CPU core, made the default client, shut down at interpreter exit);
+    scripts then need the ``if __name__ == '__main__':`` guard. Pass
+    ``client='threads'`` to run in this process without Dask's distributed scheduler.
 
     Args:
         kernel_fn: an infnets layer or its ``kernel_fn`` (any ``f(x1, x2, get)``
@@ -309,8 +333,10 @@ def kernel_matrix(
     fn, layer = resolve_kernel_fn(kernel_fn, who)
     names, is_tuple = parse_kernel_get(get, who)
     _inputs.check_int(tile, f"{who}: tile", 1)
-    a = _as_dask_input(x1, "x1", tile, da)
-    b = None if x2 is None else _as_dask_input(x2, "x2", tile, da)
+    # starts the embedded cluster when none is active (client=None)
+    target = resolve_client(client, who)
+    a = _as_dask_input(x1, "x1", tile, da, target)
+    b = None if x2 is None else _as_dask_input(x2, "x2", tile, da, target)
     if b is not None:
         if a.shape[1:] != b.shape[1:]:
             raise ValueError(
@@ -319,7 +345,6 @@ def kernel_matrix(
             )
         if a.dtype != b.dtype:
             raise TypeError(f"{who}: x1 has dtype {a.dtype} but x2 has {b.dtype}.")
-    resolve_client(client, who)  # starts the embedded cluster when none is active
     grid = TileGrid(a.shape[0], a.shape[0] if b is None else b.shape[0], tile, b is None)
     dtype = np.dtype(a.dtype)
     arch = repr(layer) if layer is not None else fn
