@@ -72,7 +72,7 @@ from infnets._src.empirical.chunking import (
     contract_stream,
     output_chunks,
 )
-from infnets._src.empirical.model import Bound, LayerRule, Model
+from infnets._src.empirical.model import Bound, LayerRule, Model, locked
 from infnets._src.empirical.ntvp import blocked, ntvp
 from infnets._src.empirical.structured import (
     LayerShape,
@@ -227,6 +227,7 @@ class EmpiricalNTK(EmpiricalKernelFn):
         return {"structured": struct, "jacobian_contraction": jc, "ntk_vector_products": ntvp_cost}
 
     # ------------------------------------------------------------------ API
+    @locked
     def plan(self, x1: Any, x2: Any = None, params: Any = None) -> Plan:
         """The implementation ``__call__`` would use for these inputs, with FLOP estimates."""
         x1, x2, bound, p1, p2, ax = self._setup(x1, x2, params)
@@ -326,6 +327,7 @@ class EmpiricalNTK(EmpiricalKernelFn):
             return None
         return chain_of(self.model.module, bound, set(p1.layers) & set(p2.layers))
 
+    @locked
     def __call__(
         self, x1: Any, x2: Any = None, params: Any = None, per_layer: bool | str = False
     ) -> Tensor | dict[str, Tensor]:
