@@ -25,7 +25,6 @@ each other's tensors (wrong kernels) and could leave detached tensors in the mod
 call (:meth:`Model.locked`, :func:`locked`); pure functions ``f(params, x)`` run unlocked.
 """
 
-
 from __future__ import annotations
 
 import contextlib
