@@ -151,3 +151,32 @@ def make_generator(key: int | torch.Generator, device: torch.device | str | None
     g = torch.Generator(device=device or "cpu")
     g.manual_seed(int(key))
     return g
+
+
+def check_symmetric(k: Tensor, name: str, fn: str, dtype: torch.dtype | None = None) -> None:
+    """Refuse a train-train kernel matrix that is not symmetric to within round-off.
+
+    Solvers read one triangle only (Cholesky, ``eigh``), so an asymmetric matrix (a
+    test-train kernel passed by mistake, a kernel assembled from mismatched blocks) would
+    give a plausible but wrong answer. The tolerance is ``sqrt(eps)`` of the kernel's
+    original ``dtype`` relative to its largest entry (``3.5e-4`` in float32, ``1.5e-8`` in
+    float64): a Gram matrix computed in any order differs from its transpose by a few
+    ``eps`` times the feature dimension, far below that, while any real asymmetry is far
+    above it.
+
+    Args:
+        k: a square matrix ``(n, n)`` (already flattened to the linear-algebra layout).
+        name: the argument's name, used in the error message.
+        fn: the public function, used in the error message.
+        dtype: the dtype the kernel was given in (default ``k.dtype``).
+    """
+    eps = torch.finfo(dtype or k.dtype).eps
+    scale = float(k.abs().max())
+    gap = float((k - k.transpose(-1, -2)).abs().max())
+    if gap > math.sqrt(eps) * scale:
+        raise ValueError(
+            f"{fn}: {name} is not symmetric (max |K - K^T| = {gap:.3g}, largest entry "
+            f"{scale:.3g}); a train-train kernel must be symmetric. Check that you passed the "
+            f"train-train kernel (not a test-train one), or symmetrize it: "
+            f"{name} = 0.5 * ({name} + {name}.T)."
+        )

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from infnets._src.core import inputs as _inputs
 from infnets._src.predict import common as pc
 
 Solver = Literal["auto", "torchdiffeq", "scipy"]
@@ -111,6 +112,7 @@ def gradient_descent(
             f"{fn}: k_train_train must be a square (N, N) train-train kernel, got shape "
             f"{tuple(k.shape)}."
         )
+    _inputs.check_symmetric(k, "k_train_train", fn)
     device, out_dtype = k.device, k.dtype
     n = k.shape[0]
     y = pc.as_targets(y_train, "y_train", fn, device, keep_int=True)
