@@ -25,8 +25,7 @@ def _train_kernel(k: Any, fn: str, arg: str = "k_train_train") -> Tensor:
     k = pc.pick(k, "ntk", arg, fn)
     if k.ndim != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(
-            f"{fn}: {arg} must be a square (N, N) train-train kernel, got shape "
-            f"{tuple(k.shape)}."
+            f"{fn}: {arg} must be a square (N, N) train-train kernel, got shape {tuple(k.shape)}."
         )
     _inputs.check_symmetric(k, arg, fn)
     return k
