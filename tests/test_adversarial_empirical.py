@@ -113,3 +113,91 @@ def test_linearize_and_taylor_from_threads() -> None:
     assert [id(p) for p in model.parameters()] == ids
     assert all(p.requires_grad for p in model.parameters())
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------ messages that blame (defect 8)
+class _MixesBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x - x.mean(0, keepdim=True))  # the kernel used to be all ones
+
+
+class _ShrinksBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x).sum(0, keepdim=True)  # the kernel used to be plausible numbers
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+IMPLS = ("auto", "jacobian_contraction", "ntk_vector_products")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_input_requiring_grad_is_blamed(impl: str) -> None:
+    x = torch.randn(3, 3).requires_grad_(True)
+    fn = empirical.empirical_ntk_fn(nn.Linear(3, 2), implementation=impl)
+    with pytest.raises(ValueError, match=r"x1 requires grad.*x1\.detach\(\)"):
+        fn(x)
+    with pytest.raises(ValueError, match=r"x2 requires grad"):
+        fn(x.detach(), x)
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (_MixesBatch, "mixes the examples of a batch"),
+        (_ShrinksBatch, "changes the batch size"),
+    ],
+    ids=["mixes", "shrinks"],
+)
+def test_models_without_per_example_outputs_are_blamed(model, match: str, impl: str) -> None:
+    fn = empirical.empirical_ntk_fn(model(), implementation=impl)
+    with pytest.raises(ValueError, match=match):
+        fn(torch.randn(4, 3))
+
+
+def test_recurrent_module_is_blamed() -> None:
+    x = torch.randn(3, 5, 3)
+    with pytest.raises(TypeError, match=r"rnn is a recurrent layer \(GRU\)"):
+        empirical.empirical_ntk_fn(_Recurrent())(x)
+    with pytest.raises(TypeError, match="recurrent layer"):
+        empirical.linearize(_Recurrent())
+    # the NNGP needs only forward passes: it works, and equals f f^T / O (explicit)
+    model = _Recurrent()
+    out = model(x).detach()
+    torch.testing.assert_close(empirical.empirical_nngp_fn(model)(x), out @ out.T)
+
+
+def test_per_example_model_passes_the_batch_check_in_float32() -> None:
+    # batched and single passes differ by rounding only: no false alarm at sqrt(eps)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 64), nn.ReLU(), nn.Linear(64, 3))
+    x = torch.randn(7, 50)
+    k = empirical.empirical_ntk_fn(model, implementation="jacobian_contraction")(x)
+    params = list(model.parameters())
+
+    def jac(i: int, o: int) -> Tensor:  # d f_o(x_i) / d theta by plain autograd
+        grads = torch.autograd.grad(model(x[i : i + 1])[0, o], params)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    j = torch.stack([torch.stack([jac(i, o) for o in range(3)]) for i in range(7)])  # (7, 3, P)
+    ref = torch.einsum("iop,jop->ij", j, j) / 3  # the default traces the output axis (mean)
+    # float32 sums of ~3500 products: 1e-5 relative
+    torch.testing.assert_close(k, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

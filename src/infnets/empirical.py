@@ -370,4 +370,5 @@ def taylor_expand(
     m = Model(model, who)
     with m.locked():  # no other thread swaps the module's tensors while they are read
         m.check_mode()
+        m.check_transformable()
         return TaylorModel(m, m.bind(params), degree)

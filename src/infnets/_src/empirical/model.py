@@ -321,6 +321,22 @@ class Model:
                     "call model.eval() before computing kernels."
                 )
 
+    def check_transformable(self) -> None:
+        """Refuse modules that ``torch.func`` transforms (``vmap``, ``jacrev``, ``jvp``) cannot
+        differentiate per example: recurrent layers (``nn.RNN``/``nn.LSTM``/``nn.GRU`` run
+        fused kernels without batching rules)."""
+        if self.module is None:
+            return
+        for name, m in self.module.named_modules():
+            if isinstance(m, nn.RNNBase):
+                raise TypeError(
+                    f"{self.who}: {name or type(m).__name__} is a recurrent layer "
+                    f"({type(m).__name__}), which torch.func cannot vmap or differentiate per "
+                    "example, so its empirical NTK cannot be computed. Write the recurrence "
+                    "out as a Python loop over nn.Linear layers (or pass a function "
+                    "f(params, x) doing so); the empirical NNGP (outputs only) works as is."
+                )
+
     # ------------------------------------------------------------------ structure
     def structured_layers(self, trainable: tuple[str, ...]) -> dict[str, LayerRule]:
         """The ``nn.Linear``/``nn.ConvNd`` layers eligible for the structured NTK rule.
