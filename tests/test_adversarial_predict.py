@@ -154,3 +154,25 @@ def test_long_integration_shows_progress(
     _, k, y = _stiff_problem()
     predict.gradient_descent(_mse, k, y, 1.0)(100.0)
     assert "gradient_descent" in capsys.readouterr().err
+
+
+# ------------------------------------------------- the battery's classes: shapes, dtypes, NaN
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda k, y: predict.gp_inference(k, y.clone().fill_(math.nan)), "y_train contains NaN"),
+        (lambda k, y: predict.gp_inference(k[:, :5], y), "k_train_train must be a square"),
+        (lambda k, y: predict.gp_inference(k, y[:4]), "y_train has 4 examples|has 6 rows"),
+        (lambda k, y: predict.gp_inference(k.int(), y), "k_train_train has dtype"),
+        (lambda k, y: predict.gp_inference(k, y, diag_reg=-1.0), "diag_reg"),
+        (lambda k, y: predict.gradient_descent_mse(k, y, learning_rate=math.nan), "learning_rate"),
+        (lambda k, y: predict.gradient_descent_mse(k, y)(-1.0), "t must be >= 0"),
+        (lambda k, y: predict.max_learning_rate(k, momentum=1.0), "momentum"),
+        (lambda k, y: predict.gradient_descent(_mse, k, y)(math.inf), "t must be finite"),
+        (lambda k, y: predict.gradient_descent(_mse, k, y, solver="euler"), "solver"),
+    ],
+)
+def test_bad_predict_arguments_name_the_argument(call, match: str) -> None:
+    _, k, y = _data()
+    with pytest.raises((TypeError, ValueError), match=match):
+        call(k, y)

@@ -258,3 +258,35 @@ def test_near_duplicates_meet_the_documented_bound(depth: int) -> None:
         assert dup.ntk[0, 1] == dup.ntk[0, 0] and dup.nngp[0, 1] == dup.nngp[0, 0]
         nn_dup, ntk_dup, _ = _mp_relu_ntk(x.tolist(), x.tolist(), depth, w, b)
         assert abs(float(dup.ntk[0, 0]) / float(ntk_dup) - 1) <= 8 * depth * eps
+
+
+# ------------------------------------------------- the battery's classes: shapes, dtypes, NaN
+_NET = stax.serial(stax.Dense(8), stax.Relu(), stax.Dense(1))
+
+
+@pytest.mark.parametrize(
+    "x1, x2, get, match",
+    [
+        (torch.ones(3, 2, dtype=torch.int64), None, None, "x1 has dtype torch.int64"),
+        (torch.ones(3, 2, dtype=torch.float16), None, None, "x1 has dtype torch.float16"),
+        (torch.tensor([[1.0, math.nan]]), None, None, "x1 contains NaN or Inf"),
+        (torch.ones(2, 2), torch.tensor([[math.inf, 0.0]]), None, "x2 contains NaN or Inf"),
+        (torch.ones(0, 2), None, None, "x1 is empty"),
+        (torch.ones(3), None, None, "x1 must have rank >= 2"),
+        (torch.ones(3, 2), torch.ones(3, 5), None, "x1 and x2 must agree"),
+        (torch.ones(3, 2), torch.ones(3, 2, dtype=F64), None, "x2 has dtype"),
+        (torch.ones(3, 2), None, "cov3", "get: unknown name"),
+        ("abc", None, None, "x1 must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs_name_the_argument(x1, x2, get, match: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=match):
+        _NET.kernel_fn(x1, x2, get)
+
+
+def test_inputs_are_not_mutated() -> None:
+    x = _x(20, 3)  # packed symmetric path (>= 16 examples) and the tiled path
+    before = x.clone()
+    _NET.kernel_fn(x, None)
+    _NET.kernel_fn(x, x[:5], batch_size=4)
+    assert torch.equal(x, before)
