@@ -515,7 +515,8 @@ def _finite(run: Any, args: tuple[Any, ...], *more: Any) -> Kernel:
             t = getattr(k, name)
             if t is not None and not _inputs.all_finite(t):
                 where = (~torch.isfinite(t)).nonzero()[0].tolist()
-                pair = {"cov1": (where[0], where[0]), "cov2": (0, where[0])}.get(name)
+                i = where[0]
+                pair = {"cov1": (i, i if args[2] is None else 0), "cov2": (0, i)}.get(name)
                 raise _locate(*args, pair or (where[0], where[1])) from None
     return k
 
@@ -608,7 +609,11 @@ def _tiled(
     def compute(tile: tuple[int, int]) -> Kernel:
         (a0, a1), (b0, b1) = rows[tile[0]], cols[tile[1]]
         other = None if symmetric and tile[0] == tile[1] else xsb[b0:b1]
-        return _single(layer, xs1[a0:a1], other, need_ntk, full_in, out_full)
+        try:
+            return _single(layer, xs1[a0:a1], other, need_ntk, full_in, out_full)
+        except NonFinitePair as err:  # tile indices -> example indices (padding wraps)
+            j0 = a0 if other is None else b0
+            raise NonFinitePair((a0 + err.i) % n1, (j0 + err.j) % n2) from None
 
     def store(tile: tuple[int, int], k: Kernel) -> None:
         """Write a tile (and its mirror) into the outputs: disjoint regions per tile."""
