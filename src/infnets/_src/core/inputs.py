@@ -331,4 +331,4 @@ def recheck_stds(layer: Any, names: Sequence[str], who: str) -> None:
     for name in names:
         value = getattr(layer, name)
         if isinstance(value, Tensor):
-            check_std(value, f"{who}: {name}")
+            check_std(value, f"{who}: {name}")  # type: ignore[arg-type]  # tensors allowed

@@ -503,11 +503,11 @@ def _finite(run: Any, args: tuple[Any, ...], *more: Any) -> Kernel:
     try:
         k = run(*args, *more)
     except NonFinitePair as err:
-        raise _locate(*args, (err.i, err.j)) from None
+        raise _locate(args, (err.i, err.j)) from None
     except RuntimeError as err:  # a scalar (e.g. W_std**2) overflowing the dtype
         if "without overflow" not in str(err):
             raise
-        raise _locate(*args, (0, 0)) from err
+        raise _locate(args, (0, 0)) from err
     fc = args[1].ndim == 2  # nngp/ntk already checked per block
     bad = _inputs.non_finite_fields(k.replace(nngp=k.cov1, ntk=None) if fc else k)
     if bad:
@@ -517,20 +517,16 @@ def _finite(run: Any, args: tuple[Any, ...], *more: Any) -> Kernel:
                 where = (~torch.isfinite(t)).nonzero()[0].tolist()
                 i = where[0]
                 pair = {"cov1": (i, i if args[2] is None else 0), "cov2": (0, i)}.get(name)
-                raise _locate(*args, pair or (where[0], where[1])) from None
+                raise _locate(args, pair or (where[0], where[1])) from None
     return k
 
 
-def _locate(
-    layer: KernelLayer,
-    x1: Tensor,
-    x2: Tensor | None,
-    need_ntk: bool,
-    full_in: bool,
-    out_full: Any,
-    pair: tuple[int, int],
-) -> _inputs.KernelOverflowError:
-    """The error naming the first layer whose output is not finite on ``pair`` (i, j)."""
+def _locate(args: tuple[Any, ...], pair: tuple[int, int]) -> _inputs.KernelOverflowError:
+    """The error naming the first layer whose output is not finite on ``pair`` (i, j).
+
+    ``args`` are :func:`_single`'s ``(layer, x1, x2, need_ntk, full_in, out_full)``.
+    """
+    layer, x1, x2, need_ntk, full_in, out_full = args
     i, j = pair
     a = x1[i : i + 1]
     b = (None if i == j else x1[j : j + 1]) if x2 is None else x2[j : j + 1]
