@@ -199,11 +199,16 @@ def check_representable(x: Tensor, name: str) -> None:
         x: ``(N, features)`` or ``(N, C, *spatial)`` inputs.
         name: the argument's name, used in the error message.
     """
-    q = x.detach().to(torch.float64).square().mean(1)  # per example (and position)
     info = torch.finfo(x.dtype)
-    small = (q > 0) & (q < info.tiny)
-    if bool(small.any()):
-        smallest = float(q[small].min())
+    x = x.detach()
+    per_example = max(1, x[0].numel())
+    smallest = math.inf
+    for part in x.split(max(1, (1 << 22) // per_example)):  # float64 copies of <= 32 MiB
+        q = part.to(torch.float64).square().mean(1)  # per example (and position)
+        small = (q > 0) & (q < info.tiny)
+        if bool(small.any()):
+            smallest = min(smallest, float(q[small].min()))
+    if smallest < math.inf:
         raise ValueError(
             f"{name} is too small for {x.dtype}: its mean square per example is "
             f"{smallest:.3g}, below the smallest normal {x.dtype} number ({info.tiny:.3g}), "
