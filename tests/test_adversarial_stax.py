@@ -66,9 +66,12 @@ def test_overflow_on_fast_path_pairs_and_x2() -> None:
     x2[137] *= 1e20  # one huge example: its pairs overflow, the others are fine
     # the failing pair is found (per block; per tile, mapped back to example indices) and
     # re-run: its input kernel x1 x2^T / d already overflows
+    ends_in_relu = stax.serial(stax.Dense(8, W_std=2.0), stax.Relu())
+    cases = [(net, "ntk"), (net, "nngp"), (ends_in_relu, None)]  # NTK alone / NNGP / both
     for batch_size in (None, 64):
-        with pytest.raises(KernelOverflowError, match="at the input kernel"):
-            net.kernel_fn(x1, x2, "ntk", batch_size=batch_size)
+        for model, get in cases:
+            with pytest.raises(KernelOverflowError, match="at the input kernel"):
+                model.kernel_fn(x1, x2, get, batch_size=batch_size)
     ok = net.kernel_fn(x1, x2[:137], "ntk")
     assert bool(torch.isfinite(ok).all())
 
