@@ -499,8 +499,11 @@ def test_sign_and_step_block_the_ntk():
 def test_equivalent_activations_agree(a, b):
     """Different classes (and code paths) describing the same function give the same kernels."""
     x1, x2 = _inputs()
-    ka = stax.serial(stax.Dense(1, W_STD, B_STD), a).kernel_fn(x1, x2)
-    kb = stax.serial(stax.Dense(1, W_STD, B_STD), b).kernel_fn(x1, x2)
+    # Erf(b=1e8)'s derivative kernel cancels to 1 - z^2 = 0 at z = 1 in float64 and is
+    # refused (KernelOverflowError); only its NNGP is compared with Sign's
+    get = ("nngp",) if isinstance(a, stax.Sign) else None
+    ka = stax.serial(stax.Dense(1, W_STD, B_STD), a).kernel_fn(x1, x2, get)
+    kb = stax.serial(stax.Dense(1, W_STD, B_STD), b).kernel_fn(x1, x2, get)
     # the erf -> sign limit converges like 1/b (Sign/Erf); the rest are identities
     torch.testing.assert_close(ka.nngp, kb.nngp, rtol=1e-7, atol=1e-7)
     if not isinstance(a, stax.Sign):

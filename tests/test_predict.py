@@ -174,11 +174,17 @@ def test_gp_inference_inputs_and_get_forms(data):
     assert isinstance(m_nngp, torch.Tensor) and m_nngp.shape == (N_TEST, N_OUT)
     ref = data["np"]["Kx"] @ np.linalg.solve(data["np"]["K"] + 0.05 * np.eye(N_TRAIN), y.numpy())
     np.testing.assert_allclose(m_nngp.numpy(), ref, rtol=1e-10)
-    g_ntk = p("ntk", data["Kx"], data["Kxx"])
+    # the 'ntk' covariance needs the NNGP too: one bare tensor is refused (issue #16) ...
+    with pytest.raises(ValueError, match="k_train_train is one bare tensor.*NNGP is missing"):
+        p("ntk", data["Kx"], data["Kxx"])
+    # ... while records holding Θ = K give the NNGP posterior (eq. 16 with Θ = K)
+    rec = collections.namedtuple("Rec", "nngp ntk")
+    pr = predict.gp_inference(rec(k, k), y, diag_reg=0.05, diag_reg_absolute_scale=True)
+    g_ntk = pr("ntk", rec(data["Kx"], data["Kx"]), rec(data["Kxx"], data["Kxx"]))
     g_nngp = p("nngp", data["Kx"], data["Kxx"])
     assert isinstance(g_ntk, predict.Gaussian)
     torch.testing.assert_close(g_ntk.mean, g_nngp.mean)
-    torch.testing.assert_close(g_ntk.covariance, g_nngp.covariance)  # Θ = K -> same
+    torch.testing.assert_close(g_ntk.covariance, g_nngp.covariance)
     # train-set predictions by default; infnets.Kernel records and numpy targets
     p2 = predict.gp_inference(data["K"].numpy(), y.numpy(), diag_reg=1e-3)
     torch.testing.assert_close(p2("nngp"), p2("nngp", data["K"]))

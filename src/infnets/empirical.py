@@ -368,5 +368,7 @@ def taylor_expand(
 
     degree = _inputs.check_int(degree, "degree", 0)
     m = Model(model, who)
-    m.check_mode()
-    return TaylorModel(m, m.bind(params), degree)
+    with m.locked():  # no other thread swaps the module's tensors while they are read
+        m.check_mode()
+        m.check_transformable()
+        return TaylorModel(m, m.bind(params), degree)

@@ -56,18 +56,34 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo with parsed arguments; returns the exit status (0).
+    """Run the demo with parsed arguments; returns the exit status.
 
     Args:
         args: the namespace from :func:`add_parser`'s parser.
 
     Returns:
-        0 on success.
+        0 on success, 2 when ``--out`` is not a writable folder.
     """
+    import sys
+
     from infnets._src.app.demo import run_demo
 
+    out = os.fspath(args.out)
+    try:  # an unwritable --out fails here, in one clear line, not after minutes of work
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".infnets-write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        print(
+            f"infnets demo: error: --out {out!r} is not a writable folder "
+            f"({err.strerror or err}); pass --out with a folder you can write to.",
+            file=sys.stderr,
+        )
+        return 2
     run_demo(
-        out=os.fspath(args.out),
+        out=out,
         quick=bool(args.quick),
         seed=int(args.seed),
         progress=not args.no_progress,

@@ -66,8 +66,11 @@ examples:
   infnets kernel --arch @arch.txt --x1 train.npy --x2 test.npy --get ntk --out Kxt.zarr
   infnets kernel --arch arch.txt --x1 x.npy --out K.zarr --scheduler tcp://head:8786
 
-exit status: 0 done, 1 a tile failed (finished tiles are kept: rerun), 2 bad arguments,
-  unreadable inputs or a store that belongs to another computation.
+exit status: 0 done, 1 a tile failed or the cluster went away (finished tiles are kept:
+  rerun), 2 bad arguments (checked before any tile runs or any store is created: the
+  options, --out/--summary writable, the inputs readable .npy files that the
+  architecture accepts), or a store that belongs to another computation.
+  --tile larger than the number of examples is capped at it.
 testing aid: INFNETS_TILE_DELAY=SECONDS makes every tile sleep first.
 """
 
@@ -157,6 +160,15 @@ def _load(path: str, name: str) -> np.ndarray:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"{name}: file {path!r} does not exist.")
+    with open(p, "rb") as f:
+        head = f.read(6)
+    if head != b"\x93NUMPY":  # the .npy magic string: anything else is another format
+        kind = "a text file (.csv?)" if head.isascii() else "not a .npy file"
+        raise ValueError(
+            f"{name}: {path!r} is {kind}; --x1/--x2 take NumPy .npy files. Convert it first, "
+            "e.g. python -c \"import numpy as np; np.save('x.npy', np.loadtxt('x.csv', "
+            "delimiter=','))\"."
+        )
     try:
         arr = np.load(p, allow_pickle=False, mmap_mode="r")
     except ValueError as err:
@@ -171,6 +183,71 @@ def _load(path: str, name: str) -> np.ndarray:
             "(N, C, H, W) with the batch axis first."
         )
     return arr
+
+
+def _writable_path(path: str, name: str, is_dir: bool) -> str | None:
+    """Why ``path`` cannot be written (``None`` when it can), checked before any work.
+
+    The nearest existing ancestor must be a writable directory (the missing levels are
+    created); an existing ``path`` must be a directory for a store and a file (or absent)
+    for a summary.
+    """
+    p = Path(path).expanduser().absolute()
+    if p.exists():
+        if is_dir and not p.is_dir():
+            return f"{name} {path!r} exists and is a file; pass a directory path for the store."
+        if not is_dir and p.is_dir():
+            return f"{name} {path!r} is a directory; pass a file path such as run.json."
+        target = p if is_dir else p.parent
+        if not os.access(target, os.W_OK):
+            return f"{name} {path!r} is not writable (permission denied); choose another path."
+        return None
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{name} {path!r}: {str(parent)!r} is a file, not a directory."
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return (
+            f"{name} {path!r} cannot be created: {str(parent)!r} is not writable "
+            "(permission denied); choose another path."
+        )
+    return None
+
+
+def _check_device(device: str) -> str | None:
+    """Why ``--device`` is unusable (``None`` when fine)."""
+    import torch
+
+    if device in ("auto", "cpu"):
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:K'; got {device!r}."
+    if dev.type != "cuda":
+        return f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:K'; got {device!r}."
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return f"--device {device}: no CUDA device is available here; use --device cpu or auto."
+    if dev.index is not None and dev.index >= count:
+        return f"--device {device}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})."
+    return None
+
+
+def _check_architecture(layer: Any, x1: np.ndarray, x2: np.ndarray | None, names: Any) -> None:
+    """Run the architecture on the first example(s): a shape that does not fit (a Dense on
+    images, a Conv on vectors) or an overflow is refused before any store exists."""
+    import torch
+
+    a = torch.from_numpy(x1[:1])
+    b = None if x2 is None else torch.from_numpy(x2[:1])
+    try:
+        layer.kernel_fn(a, b, tuple(names))
+    except (ValueError, TypeError, FloatingPointError, MemoryError) as err:
+        raise ValueError(
+            f"--arch does not accept inputs of shape {tuple(x1.shape[1:])} (per example): {err}"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,6 +265,16 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--get must list nngp and/or ntk, comma-separated; got {args.get!r}.")
     if args.tile < 1:
         return _error(f"--tile must be >= 1, got {args.tile}.")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        return _error(f"--torch-threads must be >= 1, got {args.torch_threads}.")
+    reason = _check_device(args.device)
+    if reason:
+        return _error(reason)
+    reason = _writable_path(args.out, "--out", is_dir=True) or (
+        _writable_path(args.summary, "--summary", is_dir=False) if args.summary else None
+    )
+    if reason:
+        return _error(reason)
     if args.workers is not None and args.workers < 0:
         return _error(f"--workers must be >= 0, got {args.workers}.")
     if args.workers is not None and args.scheduler:
@@ -203,8 +290,13 @@ def run(args: argparse.Namespace) -> int:
         x2 = None
         if args.x2 is not None:
             x2 = np.array(_load(args.x2, "--x2"), dtype=np_dtype, order="C")
+        _check_architecture(layer, x1, x2, names)
     except ValueError as err:
         return _error(str(err))
+    n_max = max(x1.shape[0], 0 if x2 is None else x2.shape[0])
+    if args.tile > n_max:  # one tile holds everything: a larger edge only wastes memory
+        print(f"infnets kernel: --tile {args.tile} > {n_max} examples; using --tile {n_max}.")
+        args.tile = n_max
 
     from infnets._src.scale.store import StoreMismatchError, compute_store
 

@@ -134,8 +134,20 @@ def correlation(cov: Tensor, var1: Tensor, var2: Tensor) -> tuple[Tensor, Tensor
 
     Zero variances (e.g. zero-norm inputs without bias) give ``rho = 0`` and a
     zero scale, so every homogeneous kernel map returns exactly zero there.
+
+    ``sqrt(var1 var2)`` keeps ``rho`` exactly 1 on diagonal pairs, but the product
+    underflows when the variances are below ``sqrt(tiny)`` (1e-19 in float32): those
+    pairs (found from the per-example minima, an ``O(N)`` test) use
+    ``sqrt(var1) sqrt(var2)`` instead, which is exact up to rounding for any normal
+    variances (issue #16).
     """
     scale = safe_sqrt(var1 * var2)
+    tiny = torch.finfo(scale.dtype).tiny
+    if var1.numel() and var2.numel():
+        low = float(var1.detach().amin()) * float(var2.detach().amin())
+        if low < tiny:  # some product is subnormal or zero (rare: zero or tiny inputs)
+            apart = safe_sqrt(var1) * safe_sqrt(var2)
+            scale = torch.where(var1 * var2 >= tiny, scale, apart)
     if needs_grad(cov, scale):
         positive = scale > 0
         rho = torch.where(positive, cov / torch.where(positive, scale, torch.ones_like(scale)), 0.0)

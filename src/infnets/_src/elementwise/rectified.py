@@ -77,11 +77,14 @@ class ABRelu(ElementwiseLayer):
         pair) gets ``rho`` exactly 1 after clamping, where ``sqrt(1 - rho^2)``
         would turn one ulp into an error of ``1e-8``; elsewhere ``rho`` moves by
         ``7e-16`` relative. The product is commutative, so pairs ``(i, j)`` and
-        ``(j, i)`` get the same value bit for bit. Zero variances are floored at
-        ``sqrt(tiny)``, so zero-norm inputs get ``rho = 0``.
+        ``(j, i)`` get the same value bit for bit. Zero variances are floored at the
+        smallest normal number ``tiny`` (so zero-norm inputs get ``rho = 0`` and the
+        product of two roots never underflows); any normal variance is used as it is
+        (a floor at ``sqrt(tiny)``, 1e-19 in float32, made every pair of small inputs
+        look uncorrelated: issue #16).
         """
         info = torch.finfo(q.dtype)
-        root = q.clamp(min=info.tiny**0.5).sqrt_().mul_(1 - 3 * info.eps)
+        root = q.clamp(min=info.tiny).sqrt_().mul_(1 - 3 * info.eps)
         return root, root
 
     def pair_maps(

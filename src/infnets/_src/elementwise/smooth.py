@@ -178,15 +178,30 @@ class Gelu(ElementwiseLayer):
     ``alpha = (q1 (1 + q2) - c^2, c) / D``, ``beta = (c, q2 (1 + q1) - c^2) / D``.
     The derivative kernel follows by Price's theorem (autograd).
 
-    ``approximate=True`` is the tanh approximation used by ``torch.nn.GELU(approximate='tanh')``;
-    it has no closed form, so its kernel is computed by Gauss-Hermite quadrature
-    (see ``ElementwiseNumerical``).
+    ``approximate='tanh'`` (or ``True``) is the tanh approximation of
+    ``torch.nn.GELU(approximate='tanh')``; it has no closed form, so its kernel is computed by
+    Gauss-Hermite quadrature (see ``ElementwiseNumerical``).
 
     Args:
-        approximate: use the tanh approximation in the finite network.
+        approximate: PyTorch's names, ``'none'`` (exact, the default) or ``'tanh'``; the
+            booleans ``False``/``True`` mean the same. Anything else is refused (a
+            non-empty string such as ``'exact'`` used to be taken as true).
     """
 
-    approximate: bool = False
+    approximate: bool | str = False
+
+    def __post_init__(self) -> None:
+        value = self.approximate
+        names = {"none": False, "tanh": True}
+        if isinstance(value, bool):
+            return
+        if isinstance(value, str) and value in names:
+            object.__setattr__(self, "approximate", names[value])
+            return
+        raise ValueError(
+            f"Gelu: approximate must be 'none' or 'tanh' (as in torch.nn.GELU), or a bool; "
+            f"got {value!r}."
+        )
 
     def fn(self, x: Tensor) -> Tensor:
         return torch.nn.functional.gelu(x, approximate="tanh" if self.approximate else "none")

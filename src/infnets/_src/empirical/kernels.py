@@ -12,7 +12,7 @@ from torch import Tensor
 
 from infnets._src.core import inputs as _inputs
 from infnets._src.empirical.axes import make_axes
-from infnets._src.empirical.model import Model, wrap_model_error
+from infnets._src.empirical.model import Model, locked, wrap_model_error
 from infnets._src.empirical.ntk import EmpiricalKernelFn, EmpiricalNTK, check_inputs
 
 
@@ -46,6 +46,7 @@ class EmpiricalNNGP(EmpiricalKernelFn):
                 )
         return torch.cat(outs)
 
+    @locked
     def output_pair(self, x1: Tensor, x2: Tensor | None, params: Any) -> tuple[Tensor, Tensor]:
         """``f(x1)`` and ``f(x2)`` (``f(x1)`` again for ``x2=None``) under ``params``."""
         self.model.check_mode()
@@ -58,6 +59,7 @@ class EmpiricalNNGP(EmpiricalKernelFn):
         k = torch.einsum(f"{ax.a1},{ax.a2}->{ax.out}", f1, f2)
         return k / ax.trace_size if ax.trace_size != 1 else k
 
+    @locked
     def __call__(self, x1: Any, x2: Any = None, params: Any = None) -> Tensor:
         x1, x2 = check_inputs(x1, x2, self.who)
         f1, f2 = self.output_pair(x1, x2, params)
@@ -83,6 +85,7 @@ class EmpiricalKernel:
         )
         self.who = who
 
+    @locked
     def values(self, x1: Any, x2: Any, names: tuple[str, ...], params: Any) -> dict[str, Any]:
         """The kernels in ``names`` (subset of nngp, ntk, cov1, cov2) as a dict."""
         x1, x2 = check_inputs(x1, x2, self.who)

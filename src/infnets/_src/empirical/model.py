@@ -15,14 +15,24 @@ dict ``values`` of trainable tensors and ``call(values, x)``.
 This file also finds the *structured* layers of a module (``nn.Linear``, ``nn.Conv1d/2d/3d``
 called once per forward, with their own untied parameters) and provides the forward hooks
 the structured NTK uses to read their inputs and to inject output perturbations.
+
+Threads: ``functional_call`` swaps the bound tensors into the module's own attributes for the
+duration of a forward pass and swaps the originals back, and the structured NTK registers
+forward hooks on the user's layers. Two threads doing either on one module at once would see
+each other's tensors (wrong kernels) and could leave detached tensors in the model
+(``requires_grad=False`` on every parameter). Every public entry point that touches an
+``nn.Module`` therefore holds :data:`MODULE_LOCK` (re-entrant, process-wide) for its whole
+call (:meth:`Model.locked`, :func:`locked`); pure functions ``f(params, x)`` run unlocked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
@@ -33,6 +43,23 @@ from torch.nn.utils import parametrize
 Params = Any  # a pytree of tensors, or a dict name -> tensor for modules
 
 _CONV_TYPES: dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+#: held while any ``nn.Module`` is read, swapped (``functional_call``) or hooked (see the
+#: module docstring); re-entrant, so nested entry points (a kernel calling another) are fine
+MODULE_LOCK = threading.RLock()
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def locked(method: _F) -> _F:
+    """Run ``method`` of an object with a ``model`` (:class:`Model`) under its lock."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.model.locked():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _key_name(entry: Any) -> str:
@@ -74,7 +101,8 @@ def call_with(
 ) -> Tensor:
     """``module(x)`` with every slot of :func:`tensor_slots` replaced by ``tensors[name]``."""
     bound = {path: tensors[name] for path, name in slots.items()}
-    return functional_call(module, bound, (x,), tie_weights=False)
+    with MODULE_LOCK:
+        return functional_call(module, bound, (x,), tie_weights=False)
 
 
 def wrap_model_error(who: str, err: Exception) -> RuntimeError:
@@ -156,8 +184,9 @@ class Model:
             self.module: nn.Module | None = model
             self.fn: Callable[..., Tensor] | None = None
             # layers such as nn.ReLU(inplace=True) may overwrite the input they are given
-            self.in_place = any(getattr(m, "inplace", False) is True for m in model.modules())
-            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+            with MODULE_LOCK:  # another thread may have swapped tensors in (see above)
+                self.in_place = any(getattr(m, "inplace", False) is True for m in model.modules())
+                trainable = [n for n, p in model.named_parameters() if p.requires_grad]
             if not trainable:
                 raise ValueError(
                     f"{who}: model {type(model).__name__} has no trainable parameters "
@@ -174,6 +203,10 @@ class Model:
                 f"{type(model).__name__}."
             )
 
+    def locked(self) -> contextlib.AbstractContextManager[Any]:
+        """:data:`MODULE_LOCK` for a module; a no-op context for a pure function."""
+        return MODULE_LOCK if self.module is not None else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ binding
     def bind(self, params: Params | None) -> Bound:
         """Fix the parameters: the module's own (optionally overridden) or ``params``.
@@ -186,7 +219,8 @@ class Model:
             The :class:`Bound` model.
         """
         if self.module is not None:
-            return self._bind_module(params)
+            with MODULE_LOCK:
+                return self._bind_module(params)
         return self._bind_function(params)
 
     def _bind_module(self, params: Params | None) -> Bound:
@@ -285,6 +319,22 @@ class Model:
                 raise ValueError(
                     f"{self.who}: {label} ({type(m).__name__}) is random in training mode; "
                     "call model.eval() before computing kernels."
+                )
+
+    def check_transformable(self) -> None:
+        """Refuse modules that ``torch.func`` transforms (``vmap``, ``jacrev``, ``jvp``) cannot
+        differentiate per example: recurrent layers (``nn.RNN``/``nn.LSTM``/``nn.GRU`` run
+        fused kernels without batching rules)."""
+        if self.module is None:
+            return
+        for name, m in self.module.named_modules():
+            if isinstance(m, nn.RNNBase):
+                raise TypeError(
+                    f"{self.who}: {name or type(m).__name__} is a recurrent layer "
+                    f"({type(m).__name__}), which torch.func cannot vmap or differentiate per "
+                    "example, so its empirical NTK cannot be computed. Write the recurrence "
+                    "out as a Python loop over nn.Linear layers (or pass a function "
+                    "f(params, x) doing so); the empirical NNGP (outputs only) works as is."
                 )
 
     # ------------------------------------------------------------------ structure

@@ -72,7 +72,7 @@ from infnets._src.empirical.chunking import (
     contract_stream,
     output_chunks,
 )
-from infnets._src.empirical.model import Bound, LayerRule, Model
+from infnets._src.empirical.model import Bound, LayerRule, Model, locked
 from infnets._src.empirical.ntvp import blocked, ntvp
 from infnets._src.empirical.structured import (
     LayerShape,
@@ -117,12 +117,61 @@ def check_inputs(x1: Any, x2: Any, who: str) -> tuple[Tensor, Tensor | None]:
         x2 = None if x2 is None else _inputs.as_tensor(x2, "x2")
     except (TypeError, ValueError) as err:
         raise type(err)(f"{who}: {err}") from None
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is not None and x.requires_grad:
+            raise ValueError(
+                f"{who}: {name} requires grad, but empirical kernels are computed under "
+                "torch.no_grad() (they are not differentiable with respect to the inputs, and "
+                f"torch.func cannot nest the input's graph); pass {name}.detach()."
+            )
     if x2 is not None:
         if x2.dtype != x1.dtype:
             raise TypeError(f"{who}: x1 has dtype {x1.dtype} but x2 has {x2.dtype}.")
         if x2.device != x1.device:
             raise ValueError(f"{who}: x1 is on {x1.device} but x2 is on {x2.device}.")
     return x1, x2
+
+
+def check_per_example(bound: Bound, x: Tensor, who: str) -> None:
+    """Refuse a model whose outputs are not one per example, computed independently.
+
+    The empirical NTK is a kernel between examples, ``J(x_i) J(x_j)^T``; it is computed per
+    example (``vmap`` over examples, or batched passes that assume independence). A model
+    that changes the batch size, or mixes the examples of a batch (``x - x.mean(0)``,
+    attention across the batch axis), has no per-example Jacobian: the kernel would be
+    wrong (often silently all equal or zero). Two examples are evaluated together and
+    one by one (three small forward passes, once per input shape); the outputs must
+    agree to ``sqrt(eps)`` (batched and single passes differ only by rounding).
+    """
+    if x.shape[0] < 2:
+        return
+    try:
+        with torch.no_grad():
+            both = bound.call(bound.values, x[:2])
+            one = [bound.call(bound.values, x[i : i + 1]) for i in (0, 1)]
+    except Exception:  # noqa: BLE001 - the probe reported evaluation errors already
+        return
+    if not isinstance(both, Tensor) or both.ndim == 0 or both.shape[0] != 2:
+        shape = tuple(both.shape) if isinstance(both, Tensor) else type(both).__name__
+        raise ValueError(
+            f"{who}: the model changes the batch size: on a batch of 2 examples it returned "
+            f"{shape}. The empirical NTK needs one output per example (batch axis first); "
+            "do not reduce or reshape across the batch axis (e.g. .sum(0), .view(-1))."
+        )
+    single = torch.cat(one)
+    if single.shape != both.shape or not single.is_floating_point():
+        return
+    eps = torch.finfo(single.dtype).eps
+    scale = float(single.abs().max()) if single.numel() else 0.0
+    if not torch.allclose(both, single, rtol=eps**0.5, atol=eps**0.5 * max(scale, 1e-30)):
+        gap = float((both - single).abs().max())
+        raise ValueError(
+            f"{who}: the model mixes the examples of a batch: its output for an example "
+            f"depends on the other examples (a batch of 2 and the 2 examples alone differ "
+            f"by {gap:.3g}). Its per-example NTK is undefined. Remove operations across the "
+            "batch axis (x - x.mean(0), normalization with batch statistics, attention over "
+            "the batch axis), or put such layers in eval mode."
+        )
 
 
 def group_names(names: list[str], per_layer: bool | str, who: str) -> dict[str, str]:
@@ -186,12 +235,15 @@ class EmpiricalNTK(EmpiricalKernelFn):
             tuple((n, tuple(v.shape), v.dtype) for n, v in bound.values.items()),
         )
         if key not in self._probes:
-            self._probes[key] = probe(self.model, bound, rules, x, True, self.who)
+            found = probe(self.model, bound, rules, x, True, self.who)
+            check_per_example(bound, x, self.who)
+            self._probes[key] = found
         return self._probes[key]
 
     def _setup(self, x1: Any, x2: Any, params: Any):  # type: ignore[no-untyped-def]
         x1, x2 = check_inputs(x1, x2, self.who)
         self.model.check_mode()
+        self.model.check_transformable()
         bound = self.model.bind(params)
         rules = self.model.structured_layers(bound.names)
         p1 = self._probe(bound, x1, rules)
@@ -229,6 +281,7 @@ class EmpiricalNTK(EmpiricalKernelFn):
         return {"structured": struct, "jacobian_contraction": jc, "ntk_vector_products": ntvp_cost}
 
     # ------------------------------------------------------------------ API
+    @locked
     def plan(self, x1: Any, x2: Any = None, params: Any = None) -> Plan:
         """The implementation ``__call__`` would use for these inputs, with FLOP estimates."""
         x1, x2, bound, p1, p2, ax = self._setup(x1, x2, params)
@@ -328,6 +381,7 @@ class EmpiricalNTK(EmpiricalKernelFn):
             return None
         return chain_of(self.model.module, bound, set(p1.layers) & set(p2.layers))
 
+    @locked
     def __call__(
         self, x1: Any, x2: Any = None, params: Any = None, per_layer: bool | str = False
     ) -> Tensor | dict[str, Tensor]:

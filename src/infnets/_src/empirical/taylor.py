@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.func import jvp
 
-from infnets._src.empirical.model import Bound, Model, call_with, tensor_slots
+from infnets._src.empirical.model import MODULE_LOCK, Bound, Model, call_with, tensor_slots
 
 
 def _tree_module(values: dict[str, Tensor], as_parameters: bool) -> nn.Module:
@@ -97,15 +97,20 @@ class TaylorModel(nn.Module):
         self.expansion_point = _tree_module(bound.values, as_parameters=False)
         self._module = model.module  # plain attribute: not a submodule of this module
         consts: dict[str, Tensor] = {}
+        with model.locked():
+            self._init_constants(model, bound, consts)
+            self._slots = tensor_slots(model.module) if model.module is not None else {}
+        self._const_names = tuple(consts)
+        self.constants = _tree_module(consts, as_parameters=False)
+        self._call = bound.call
+
+    @staticmethod
+    def _init_constants(model: Model, bound: Bound, consts: dict[str, Tensor]) -> None:
         if model.module is not None:
             consts.update(
                 {n: p for n, p in model.module.named_parameters() if n not in bound.values}
             )
             consts.update(dict(model.module.named_buffers()))
-        self._const_names = tuple(consts)
-        self.constants = _tree_module(consts, as_parameters=False)
-        self._call = bound.call
-        self._slots = tensor_slots(model.module) if model.module is not None else {}
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "_module":  # keep the original module out of this module's tree
@@ -131,6 +136,12 @@ class TaylorModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``sum_j D^j f(theta_0, x)[theta - theta_0]^{(j)} / j!`` for ``j <= degree``."""
+        if self._module is None:
+            return self._forward(x)
+        with MODULE_LOCK:  # the original module is swapped while it runs (model.py)
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         theta0 = _read(self.expansion_point, self._names)
         if self.degree == 0:
             return self._apply_at(theta0, x)

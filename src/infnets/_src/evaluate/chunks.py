@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infnets._src.core import inputs as _inputs
 from infnets._src.core import safe_math as sm
 from infnets._src.core.kernel import Kernel
 from infnets._src.core.protocol import Affine, KernelLayer, PairMap, input_kernel
@@ -45,6 +46,23 @@ def _joined(layer: Any, k_out: Any) -> Kernel:
             "(FanInSum, FanInConcat, FanInProd) before asking for a kernel."
         )
     return k_out
+
+
+class NonFinitePair(FloatingPointError):
+    """The kernel of pair ``(i, j)`` came out NaN/Inf (raised by :func:`evaluate_fc`, which
+    checks each block while it is in cache; the caller names the layer)."""
+
+    def __init__(self, i: int, j: int) -> None:
+        super().__init__(f"the kernel of pair ({i}, {j}) is not finite")
+        self.i, self.j = i, j
+
+
+def _check_block(vals: Any, r0: int, c0: int) -> None:
+    """Raise :class:`NonFinitePair` at the first NaN/Inf of a block's tensors."""
+    for val in vals:
+        if val is not None and not _inputs.all_finite(val):
+            i, j = (~torch.isfinite(val)).nonzero()[0].tolist()[:2]
+            raise NonFinitePair(r0 + i, c0 + j)
 
 
 def evaluate_fc(
@@ -79,6 +97,9 @@ def evaluate_fc(
 
     Returns:
         The output :class:`Kernel` in the dense ``(N1, N2)`` layout.
+
+    Raises:
+        NonFinitePair: a pair's NNGP or NTK is NaN/Inf (checked per block, in cache).
     """
     grad = torch.is_grad_enabled() and (
         x1.requires_grad or (x2 is not None and x2.requires_grad) or _has_grad_params(layer)
@@ -88,7 +109,9 @@ def evaluate_fc(
     if chunk is None:
         chunk = PAIR_CHUNK
     if grad or n1 * n2 <= chunk:
-        return _joined(layer, layer.kernel(input_kernel(x1, x2, need_ntk))).to_dense()
+        out = _joined(layer, layer.kernel(input_kernel(x1, x2, need_ntk))).to_dense()
+        _check_block((out.nngp, out.ntk), 0, 0)
+        return out
 
     d = x1.shape[1]
     symmetric = x2 is None
@@ -97,6 +120,7 @@ def evaluate_fc(
     cov2 = cov1 if x2 is None else (x2 * x2).sum(-1) / d
 
     plan = fc_plan(layer)
+    ntk_holds_nngp = need_ntk and plan is not None and (plan[-1].act is None or plan[-1].dense)
     chains = None
     if plan is not None:
         chains = (_variance_chain(plan, cov1), None if symmetric else _variance_chain(plan, cov2))
@@ -143,6 +167,9 @@ def evaluate_fc(
         c0 = r0 if symmetric else 0
         k = block(r0, r1, c0)
         vals = (k.nngp, k.ntk) if isinstance(k, Kernel) else k
+        # in cache, one vectorized sum per block; the NTK of a plan ending with an affine
+        # step contains the NNGP additively (Theta' = K' + w2 ...), so it alone is checked
+        _check_block(vals[1:] if ntk_holds_nngp and not isinstance(k, Kernel) else vals, r0, c0)
         for out, val in zip((out_nngp, out_ntk), vals):
             if out is None or val is None:
                 continue

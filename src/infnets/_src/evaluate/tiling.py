@@ -42,11 +42,12 @@ from infnets._src.core.kernel import (
     swap_spatial_pairs,
     zero_ntk,
 )
-from infnets._src.core.protocol import PACK_MIN_EXAMPLES, KernelLayer, leaves
+from infnets._src.core.protocol import PACK_MIN_EXAMPLES, KernelLayer, input_kernel, leaves
 from infnets._src.evaluate import compiled
 from infnets._src.evaluate.chunks import (
     HEAP_KEEP_BYTES,
     Heap,
+    NonFinitePair,
     evaluate_fc,
     single_threaded_ops,
     thread_workers,
@@ -417,7 +418,7 @@ def kernel_fn(
             pixel pairs (slower; the same kernel). Ignored for fully-connected inputs.
         memory_budget: peak bytes for the kernel computation (default
             :func:`default_memory_budget`); larger problems are computed in tiles of
-            examples.
+            examples. ``float('inf')`` means no limit.
         batch_size: examples per tile along each batch axis (overrides the tile size
             the budget would give).
         progress: show a tqdm progress bar over tiles (``None``: only for tiled runs
@@ -448,6 +449,9 @@ def kernel_fn(
     """
     names = _inputs.parse_get(get)
     x1, x2 = _inputs.check_pair(x1, x2)
+    _inputs.check_representable(x1, "x1")
+    if x2 is not None:
+        _inputs.check_representable(x2, "x2")
     need_ntk = "ntk" in names
     full_in, out_full = plan_spatial(layer, x1.ndim > 2, diagonal_spatial)
     masks: tuple[Tensor | None, Tensor | None] = (None, None)
@@ -472,7 +476,7 @@ def kernel_fn(
             )
         if not memory_budget > 0:
             raise ValueError(f"kernel_fn: memory_budget must be > 0 bytes, got {memory_budget}.")
-        budget = int(memory_budget)
+        budget = 1 << 62 if math.isinf(memory_budget) else int(memory_budget)  # inf: no limit
     if batch_size is not None:
         batch_size = _inputs.check_int(batch_size, "kernel_fn: batch_size", 1)
     if progress is not None and not isinstance(progress, bool):
@@ -489,8 +493,9 @@ def kernel_fn(
         )
     pairs = n1 * (n1 + 1) // 2 if x2 is None and n1 >= PACK_MIN_EXAMPLES else n1 * n2
     cache_side = _cache_side(x1, full_in, pairs)
+    args = (layer, x1, x2, need_ntk, full_in, out_full, masks)
     if batch_size is None and pairs * per_pair <= budget and cache_side >= max(n1, n2):
-        return select(_single(layer, x1, x2, need_ntk, full_in, out_full, masks), get)
+        return select(_finite(_single, args), get)
 
     # ------------------------------------------------------------- tiled
     if batch_size is None:
@@ -511,12 +516,78 @@ def kernel_fn(
         side = min(max(1, int(math.isqrt(int(avail // (per_pair * workers))))), cache_side)
     else:
         side = batch_size
-    k = _tiled(layer, x1, x2, need_ntk, full_in, out_full, side, progress, masks)
-    return select(k, get)
+    return select(_finite(_tiled, args, side, progress), get)
 
 
 def _rows(m: Tensor | None, a: int, b: int) -> Tensor | None:
     return None if m is None else m[a:b]
+
+
+def _finite(run: Any, args: tuple[Any, ...], *more: Any) -> Kernel:
+    """``run(*args, *more)``, refusing a result with NaN/Inf (overflow from finite inputs).
+
+    Fully-connected results are checked block by block while in cache
+    (:func:`~infnets._src.evaluate.chunks.evaluate_fc`; ~1 % of its time), others once at
+    the end (one pass, small beside a spatial kernel). Only when a check fails is the
+    failing pair re-run layer by layer to name the layer (:func:`_locate`).
+    """
+    try:
+        k = run(*args, *more)
+    except NonFinitePair as err:
+        raise _locate(args, (err.i, err.j)) from None
+    except RuntimeError as err:  # a scalar (e.g. W_std**2) overflowing the dtype
+        if "without overflow" not in str(err):
+            raise
+        raise _locate(args, (0, 0)) from err
+    fc = args[1].ndim == 2  # nngp/ntk already checked per block
+    bad = _inputs.non_finite_fields(k.replace(nngp=k.cov1, ntk=None) if fc else k)
+    if bad:
+        for name in ("nngp", "ntk", "cov1", "cov2"):
+            t = getattr(k, name)
+            if t is not None and not _inputs.all_finite(t):
+                where = (~torch.isfinite(t)).nonzero()[0].tolist()
+                i = where[0]
+                pair = {"cov1": (i, i if args[2] is None else 0), "cov2": (0, i)}.get(name)
+                raise _locate(args, pair or (where[0], where[1])) from None
+    return k
+
+
+def _locate(args: tuple[Any, ...], pair: tuple[int, int]) -> _inputs.KernelOverflowError:
+    """The error naming the first layer whose output is not finite on ``pair`` (i, j).
+
+    ``args`` are :func:`_single`'s ``(layer, x1, x2, need_ntk, full_in, out_full, masks)``.
+    """
+    layer, x1, x2, need_ntk, full_in, out_full, masks = args
+    i, j = pair
+    a = x1[i : i + 1]
+    b = (None if i == j else x1[j : j + 1]) if x2 is None else x2[j : j + 1]
+    m1 = _rows(masks[0], i, i + 1)
+    m2 = (
+        (None if i == j else _rows(masks[0], j, j + 1)) if x2 is None else _rows(masks[1], j, j + 1)
+    )
+    with _inputs.locating_overflow():
+        if a.ndim == 2:
+            k_in = input_kernel(a, b, need_ntk)
+        else:
+            k_in = spatial_input_kernel(a, b, need_ntk, full=full_in)
+        if m1 is not None or m2 is not None:
+            k_in = k_in.replace(mask1=m1, mask2=None if b is None else m2)
+        bad = _inputs.non_finite_fields(k_in)
+        if bad:
+            return _inputs.KernelOverflowError((), "the input kernel x1 x2^T / d", a.dtype, bad)
+        try:
+            out = layer.kernel_planned(k_in, out_full)  # serial checks each of its layers
+        except _inputs.KernelOverflowError as err:
+            return err
+        except RuntimeError as err:
+            if "without overflow" not in str(err):
+                raise
+            return _inputs.KernelOverflowError((), repr(layer), a.dtype, ())
+    bad = _inputs.non_finite_fields(out)
+    what = repr(layer)
+    if not bad:  # finite layer by layer: only the fused fast path overflowed
+        what += " (on the fused fast path only; each layer alone stays finite)"
+    return _inputs.KernelOverflowError((), what, a.dtype, bad)
 
 
 #: most extra work accepted to give every tile the same shape (see _tiled)
@@ -543,9 +614,9 @@ def _tiled(
     need_ntk: bool,
     full_in: bool,
     out_full: Any,
+    masks: tuple[Tensor | None, Tensor | None],
     side: int,
     progress: bool | None,
-    masks: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> Kernel:
     from tqdm.auto import tqdm
 
@@ -576,7 +647,11 @@ def _tiled(
         (a0, a1), (b0, b1) = rows[tile[0]], cols[tile[1]]
         other = None if symmetric and tile[0] == tile[1] else xsb[b0:b1]
         tile_masks = (_rows(ms1, a0, a1), None if other is None else _rows(msb, b0, b1))
-        return _single(layer, xs1[a0:a1], other, need_ntk, full_in, out_full, tile_masks)
+        try:
+            return _single(layer, xs1[a0:a1], other, need_ntk, full_in, out_full, tile_masks)
+        except NonFinitePair as err:  # tile indices -> example indices (padding wraps)
+            j0 = a0 if other is None else b0
+            raise NonFinitePair((a0 + err.i) % n1, (j0 + err.j) % n2) from None
 
     def store(tile: tuple[int, int], k: Kernel) -> None:
         """Write a tile (and its mirror) into the outputs: disjoint regions per tile."""

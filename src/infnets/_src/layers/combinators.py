@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infnets._src.core import inputs as _inputs
 from infnets._src.core.kernel import Kernel
 from infnets._src.core.protocol import FusedStep, Params, ShapeTree
 from infnets._src.layers.base import Layer, adapt_spatial, as_layer_list
@@ -88,14 +89,23 @@ class Serial(Layer):
         return out_full
 
     def kernel_planned(self, k: Any, out_full: Any) -> Any:
+        locate = _inputs.locating()  # re-running a pair that overflowed: check every layer
         if out_full is None:  # keep every layout as it comes (forced full covariances)
-            for layer in self.layers:
-                k = layer.kernel_planned(k, None)
+            for i, layer in enumerate(self.layers):
+                k = _step(i, layer, k, None, locate)
             return k
-        for layer, out in zip(self.layers, self._needs(out_full)):
+        for i, (layer, out) in enumerate(zip(self.layers, self._needs(out_full))):
             k = adapt_spatial(k, layer.spatial_requirement(out), layer)
-            k = layer.kernel_planned(k, out)
+            k = _step(i, layer, k, out, locate)
         return adapt_spatial(k, out_full, self)
+
+
+def _step(i: int, layer: Layer, k: Any, out: Any, locate: bool) -> Any:
+    """``layer.kernel_planned(k, out)``; checked for overflow when ``locate``."""
+    if not locate:
+        return layer.kernel_planned(k, out)
+    dtype = (k[0] if isinstance(k, list) else k).nngp.dtype
+    return _inputs.located_step(i, layer, lambda: layer.kernel_planned(k, out), dtype)
 
 
 def serial(*layers: Layer) -> Serial:

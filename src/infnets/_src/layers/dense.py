@@ -108,6 +108,7 @@ class Dense(Layer):
     def apply(self, params: Params, x: Any) -> Any:
         if isinstance(x, list):
             raise ValueError(f"{self!r} received {len(x)} branches; join them first.")
+        _inputs.recheck_stds(self, ("W_std", "b_std"), "Dense")
         w = params["W"]
         if self.parameterization == "ntk":
             y = (x @ w.T) * (self.W_std / math.sqrt(w.shape[1]))
@@ -123,6 +124,7 @@ class Dense(Layer):
     def kernel(self, k: Any) -> Any:
         if isinstance(k, list):
             raise ValueError(f"{self!r} received {len(k)} branches; join them first.")
+        _inputs.recheck_stds(self, ("W_std", "b_std"), "Dense")
         if k.is_spatial:
             d = len(k.shape1) - 2
             raise ValueError(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from infnets._src.core import inputs as _inputs
 from infnets._src.predict import common as pc
 
 _FN = "gp_inference"
@@ -220,6 +221,7 @@ def gp_inference(
                 f"(shape {tuple(y.shape)}); pass the targets of the kernel's training points."
             )
         pc.check_kernel_shape(k, layout.kernel_shape(n, n), arg, _FN, hint_tt)
+        _inputs.check_symmetric(layout.kernel_matrix(k, n, n, arg, hint_tt), arg, _FN, k.dtype)
     y_mat = layout.y_matrix(y)
 
     mats: dict[str, tuple[Tensor, Tensor, float, float]] = {}
@@ -313,6 +315,7 @@ def gp_inference(
                 w = torch.linalg.solve_triangular(chol, kx.T, upper=False)
                 cov = kxx - w.T @ w
             else:  # 'ntk': Lee et al. 2019 eq. 16 at t = inf
+                _require_nngp(k_train_train, k_test_train, k_test_test)
                 kx_nngp = test_train("nngp")
                 kxx = test_test("nngp")
                 k_r_nngp = regularized("nngp")[1]
@@ -324,3 +327,21 @@ def gp_inference(
         return pc.pack_results(names, is_tuple, results)
 
     return predict_fn
+
+
+def _require_nngp(*kernels: Any) -> None:
+    """Refuse the ``'ntk'`` covariance from bare tensors: it needs the NNGP *and* the NTK.
+
+    Lee et al. 2019 eq. 16 mixes both kernels; a bare tensor is one matrix, which would be
+    used as both, a plausible but wrong covariance (Neural Tangents refuses too).
+    """
+    names = ("k_train_train", "k_test_train", "k_test_test")
+    for name, k in zip(names, kernels):
+        if isinstance(k, (Tensor, np.ndarray)):
+            raise ValueError(
+                f"{_FN}: get='ntk' with k_test_test asks for the covariance of NTK-trained "
+                f"networks, which needs both the NNGP and the NTK, but {name} is one bare "
+                "tensor (the NNGP is missing). Pass kernel records with .nngp and .ntk, e.g. "
+                "kernel_fn(x1, x2, get=('nngp', 'ntk')), for all three kernels, or ask only for "
+                "the mean (no k_test_test)."
+            )

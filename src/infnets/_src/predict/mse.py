@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from infnets._src.core import inputs as _inputs
 from infnets._src.predict import common as pc
 
 ENSEMBLE_GETS: tuple[str, ...] = ("nngp", "ntk")
@@ -18,14 +19,15 @@ ENSEMBLE_GETS: tuple[str, ...] = ("nngp", "ntk")
 _BLOCK_ELEMENTS = 2**25
 
 
-def _train_kernel(k: Any, fn: str) -> Tensor:
-    """The ``(N, N)`` train-train NTK of a tensor or a record (its ``.ntk``)."""
-    k = pc.pick(k, "ntk", "k_train_train", fn)
+def _train_kernel(k: Any, fn: str, arg: str = "k_train_train") -> Tensor:
+    """The ``(N, N)`` train-train NTK of a tensor or a record (its ``.ntk``), checked square
+    and symmetric (``arg`` names the argument in errors)."""
+    k = pc.pick(k, "ntk", arg, fn)
     if k.ndim != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(
-            f"{fn}: k_train_train must be a square (N, N) train-train kernel, got shape "
-            f"{tuple(k.shape)}."
+            f"{fn}: {arg} must be a square (N, N) train-train kernel, got shape {tuple(k.shape)}."
         )
+    _inputs.check_symmetric(k, arg, fn)
     return k
 
 
@@ -453,7 +455,7 @@ def max_learning_rate(
     """
     fn = "max_learning_rate"
     m = pc.check_momentum(momentum, fn)
-    k = _train_kernel(ntk_train_train, fn)
+    k = _train_kernel(ntk_train_train, fn, "ntk_train_train")
     size = 1
     if y_train_size is not None:
         if isinstance(y_train_size, bool) or not isinstance(y_train_size, (int, np.integer)):

@@ -638,52 +638,22 @@ def compute_store(
     marked = sorted(ks.finished_tiles())
     corrupt: list[tuple[int, int]] = []
     computed: list[tuple[int, int]] = []
+    failed = False
     try:
-        if marked and verify:
-            futs = {executor.submit_verify(spec, i, j): (i, j) for i, j in marked}
-            for f in executor.as_completed(futs):
-                if not f.result():
-                    corrupt.append(futs[f])
-            for t in corrupt:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(_marker_path(root, *t))
-        done = set(marked) - set(corrupt)
-        todo = [t for t in all_tiles if t not in done]
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=len(all_tiles),
-            initial=len(done),
-            unit="tile",
-            desc=f"kernel {root.name}",
-            disable=not progress,
-            dynamic_ncols=True,
+        _run_tiles(
+            executor, spec, ks, marked, verify, corrupt, computed, root, progress, on_tile, who
         )
-        futs = {executor.submit_tile(spec, i, j): (i, j) for i, j in todo}
-        try:
-            for f in executor.as_completed(futs):
-                t = futs[f]
-                try:
-                    f.result()
-                except Exception as err:
-                    executor.cancel(futs)
-                    raise RuntimeError(
-                        f"{who}: tile {t} failed ({type(err).__name__}: {err}); the "
-                        f"{len(computed)} tiles finished by this run are kept, rerun to resume."
-                    ) from err
-                computed.append(t)
-                bar.update(1)
-                if on_tile is not None:
-                    on_tile(t)
-        except BaseException:
-            executor.cancel(futs)
-            raise
-        finally:
-            bar.close()
+    except BaseException:
+        failed = True
+        raise
     finally:
-        executor.close()
-        if isinstance(client, str) and client != "threads" and executor_client is not None:
-            executor_client.close()
+        try:
+            executor.close()
+            if isinstance(client, str) and client != "threads" and executor_client is not None:
+                executor_client.close()
+        except Exception:  # a cluster that went away cannot close cleanly: keep the cause
+            if not failed:
+                raise
     report = RunReport(
         total_tiles=len(all_tiles),
         computed=tuple(computed),
@@ -707,3 +677,114 @@ def compute_store(
         warnings.warn(f"{who}: {len(missing)} tiles still missing.", stacklevel=2)
     ks.last_run = report
     return ks
+
+
+class _TileFailed(RuntimeError):
+    """A tile raised: the message already says that finished tiles are kept."""
+
+
+def _run_tiles(
+    executor: Any,
+    spec: _Spec,
+    ks: KernelStore,
+    marked: list[tuple[int, int]],
+    verify: bool,
+    corrupt: list[tuple[int, int]],
+    computed: list[tuple[int, int]],
+    root: Path,
+    progress: bool,
+    on_tile: Callable[[tuple[int, int]], None] | None,
+    who: str,
+) -> None:
+    """Verify earlier tiles, then compute the missing ones (filling ``corrupt``/``computed``).
+
+    Any failure other than an interrupt, a tile's own error or the cluster going away
+    (closed scheduler, lost connection) alike, becomes a ``RuntimeError`` saying that the
+    finished tiles are kept and a rerun resumes.
+    """
+    futs: dict[Any, tuple[int, int]] = {}
+    try:
+        _tiles_loop(
+            executor,
+            spec,
+            ks,
+            marked,
+            verify,
+            corrupt,
+            computed,
+            root,
+            progress,
+            on_tile,
+            who,
+            futs,
+        )
+    except _TileFailed:
+        raise
+    except Exception as err:
+        with contextlib.suppress(Exception):
+            executor.cancel(futs)
+        raise RuntimeError(
+            f"{who}: the run stopped ({type(err).__name__}: {err}); the {len(computed)} tiles "
+            "finished by this run are kept, rerun to resume."
+        ) from err
+
+
+def _tiles_loop(
+    executor: Any,
+    spec: _Spec,
+    ks: KernelStore,
+    marked: list[tuple[int, int]],
+    verify: bool,
+    corrupt: list[tuple[int, int]],
+    computed: list[tuple[int, int]],
+    root: Path,
+    progress: bool,
+    on_tile: Callable[[tuple[int, int]], None] | None,
+    who: str,
+    futs: dict[Any, tuple[int, int]],
+) -> None:
+    """The body of :func:`_run_tiles`; ``futs`` holds the futures in flight (to cancel)."""
+    all_tiles = ks.grid.tiles()
+    if marked and verify:
+        futs.update({executor.submit_verify(spec, i, j): (i, j) for i, j in marked})
+        for f in executor.as_completed(list(futs)):
+            if not f.result():
+                corrupt.append(futs[f])
+        futs.clear()
+        for t in corrupt:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(_marker_path(root, *t))
+    done = set(marked) - set(corrupt)
+    todo = [t for t in all_tiles if t not in done]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(all_tiles),
+        initial=len(done),
+        unit="tile",
+        desc=f"kernel {root.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    try:
+        futs.update({executor.submit_tile(spec, i, j): (i, j) for i, j in todo})
+        for f in executor.as_completed(list(futs)):
+            t = futs[f]
+            try:
+                f.result()
+            except Exception as err:
+                executor.cancel(futs)
+                raise _TileFailed(
+                    f"{who}: tile {t} failed ({type(err).__name__}: {err}); the "
+                    f"{len(computed)} tiles finished by this run are kept, rerun to resume."
+                ) from err
+            computed.append(t)
+            bar.update(1)
+            if on_tile is not None:
+                on_tile(t)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            executor.cancel(futs)
+        raise
+    finally:
+        bar.close()

@@ -466,6 +466,7 @@ class Conv(Layer):
     def apply(self, params: Params, x: Any) -> Any:
         if isinstance(x, list):
             raise ValueError(f"{self!r} received {len(x)} branches; join them first.")
+        _inputs.recheck_stds(self, ("W_std", "b_std"), "Conv")
         check_spatial_rank(x.ndim, self.ndim, repr(self), x.shape)
         geoms = self.geometry(x.shape[2:])
         if not all(g.is_identity for g in geoms):  # padded positions would leak
@@ -487,6 +488,7 @@ class Conv(Layer):
     def kernel(self, k: Any) -> Any:
         if isinstance(k, list):
             raise ValueError(f"{self!r} received {len(k)} branches; join them first.")
+        _inputs.recheck_stds(self, ("W_std", "b_std"), "Conv")
         check_spatial_rank(len(k.shape1), self.ndim, repr(self), k.shape1)
         geoms = self.geometry(k.spatial_shape)
         if not all(g.is_identity for g in geoms):
