@@ -429,3 +429,33 @@ def test_monte_carlo_positional_arguments():
     # NT: monte_carlo_kernel_fn(init_fn, apply_fn, key, n_samples, batch_size)
     with pytest.raises(ValueError):
         empirical.monte_carlo_kernel_fn(init_fn, apply_fn, 0, 4, 8)(x, None, "nngp")
+
+
+NT_ENUM_STRINGS = {  # NT enum -> its members' strings, and an infnets constructor taking them
+    "Padding": (("VALID", "SAME", "CIRCULAR"), lambda s: stax.Conv(2, (2,), padding=s)),
+    "AttentionMechanism": (
+        ("SOFTMAX", "IDENTITY", "ABS", "RELU"),
+        lambda s: stax.GlobalSelfAttention(2, 2, 2, 1, attention_mechanism=s),
+    ),
+    "PositionalEmbedding": (
+        ("NONE", "SUM", "CONCAT"),
+        lambda s: stax.GlobalSelfAttention(2, 2, 2, 1, pos_emb_type=s),
+    ),
+    "AggregateImplementation": (("DENSE", "SPARSE"), lambda s: stax.Aggregate(implementation=s)),
+}
+
+
+@pytest.mark.parametrize("enum", sorted(NT_ENUM_STRINGS))
+def test_nt_enum_strings_are_accepted(enum):
+    members, build = NT_ENUM_STRINGS[enum]
+    for s in members:
+        build(s)
+    with pytest.raises((ValueError, TypeError)):
+        build("NOT_A_MEMBER")
+
+
+def test_padding_strings_give_nt_shapes():
+    x = torch.randn(2, 3, 5, dtype=DT, generator=torch.Generator().manual_seed(27))
+    for padding, size in (("VALID", 3), ("SAME", 5), ("CIRCULAR", 5)):
+        k = stax.Conv(2, (3,), padding=padding).kernel_fn(x, None)
+        assert k.shape1[-1] == size, padding
