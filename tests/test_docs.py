@@ -71,16 +71,91 @@ def test_docs_code_runs(page, tmp_path, monkeypatch):
         exec(code, namespace)  # noqa: S102 - our own documentation
 
 
-def test_neural_tangents_names_resolve():
+#: every public name of Neural Tangents 0.6.5 the migration page must map or mark unsupported
+NT_TOP = (
+    "stax predict batch empirical_kernel_fn empirical_nngp_fn empirical_ntk_fn "
+    "empirical_ntk_vp_fn linearize taylor_expand monte_carlo_kernel_fn Kernel "
+    "NtkImplementation experimental"
+).split()
+NT_STAX = (
+    "serial parallel repeat FanInConcat FanInProd FanInSum FanOut Conv ConvLocal "
+    "ConvTranspose Dense GlobalSelfAttention Aggregate AvgPool DotGeneral Dropout Flatten "
+    "GlobalAvgPool GlobalSumPool Identity ImageResize Index LayerNorm SumPool Slice ABRelu "
+    "Abs Cos Elementwise ElementwiseNumerical Erf Exp ExpNormalized Gabor Gaussian Gelu "
+    "Hermite LeakyRelu Monomial Polynomial Rbf RectifiedMonomial Relu Sigmoid_like Sign Sin "
+    "AggregateImplementation AttentionMechanism Padding PositionalEmbedding Bool Diagonal "
+    "MaskedArray layer requires supports_masking unmask_fn"
+).split()
+NT_PREDICT = (
+    "gradient_descent_mse gradient_descent_mse_ensemble gradient_descent gp_inference "
+    "max_learning_rate ODEState Gaussian"
+).split()
+NT_KERNEL = (
+    "nngp ntk cov1 cov2 shape1 shape2 is_gaussian diagonal_spatial mask1 mask2 replace "
+    "x1_is_x2 diagonal_batch is_reversed is_input batch_axis channel_axis"
+).split()
+
+
+def name_rows() -> list[list[str]]:
+    """The cells of the table rows of the page's "Names" section."""
     text = (DOCS / "neural_tangents.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("|")][2:]
+    section = text[text.index("## Names") : text.index("## Differences")]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] in ("Neural Tangents", "") or set(cells[0]) <= {"-", " "}:
+            continue
+        rows.append(cells)
+    return rows
+
+
+def resolve_documented(name: str) -> None:
+    """``resolve`` that also accepts fields of a dataclass (``infnets.Kernel.nngp``)."""
+    import dataclasses
+
+    head, _, attr = name.rpartition(".")
+    try:
+        resolve(name)
+    except AttributeError:
+        owner = resolve(head)
+        assert dataclasses.is_dataclass(owner), name
+        assert attr in {f.name for f in dataclasses.fields(owner)}, name
+
+
+def test_neural_tangents_names_resolve():
+    rows = name_rows()
     names = set()
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
+    for cells in rows:
         names.update(re.findall(r"`(infnets(?:\.\w+)+)`", cells[1]))
-    assert len(names) > 40
+    assert len(names) > 60
     for name in sorted(names):
-        assert resolve(name) is not None, name
+        resolve_documented(name)
+
+
+def test_neural_tangents_names_cover_nt():
+    """The Neural Tangents column lists every public name of NT 0.6.5, and every name
+    without an infnets counterpart says why."""
+    documented = set()
+    for cells in name_rows():
+        for token in re.findall(r"`([^`]+)`", cells[0]):
+            m = re.fullmatch(r"(?:nt\.|neural_tangents\.)?(stax|predict|Kernel)\.(\w+)", token)
+            if m:
+                documented.add(f"{m[1]}.{m[2]}")
+            m = re.fullmatch(r"nt\.(\w+)", token)
+            if m:
+                documented.add(f"nt.{m[1]}")
+        if cells[1].startswith("unsupported"):
+            reason = cells[1].removeprefix("unsupported").strip(" :") + cells[2]
+            assert len(reason) > 20, f"no reason given for {cells[0]}"
+    expected = (
+        {f"nt.{n}" for n in NT_TOP}
+        | {f"stax.{n}" for n in NT_STAX}
+        | {f"predict.{n}" for n in NT_PREDICT}
+        | {f"Kernel.{n}" for n in NT_KERNEL}
+    )
+    assert not expected - documented, sorted(expected - documented)
 
 
 def test_navigation_and_links():
