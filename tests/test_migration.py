@@ -249,17 +249,20 @@ def test_dropout_rate_is_the_keep_probability():
     assert close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.8))
 
 
-def test_dropout_diagonal_needs_x2_none():
+def test_dropout_diagonal_x1_is_x2():
     """NT inflates the diagonal by 1 / rate whenever ``x1_is_x2`` (``x2 is None``, the same
-    array, or equal values); infnets only for ``x2=None``."""
+    array, or equal values); infnets for ``x2 is None`` and the same tensor, not for a copy."""
     x = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(20))
     net = stax.serial(stax.Dense(8), stax.Relu(), stax.Dropout(0.5), stax.Dense(1))
     plain = stax.serial(stax.Dense(8), stax.Relu(), stax.Dense(1)).kernel_fn(x, None, "nngp")
     oracle = plain + torch.diag(plain.diagonal())  # diagonal times 1 / rate = 2
-    naive = net.kernel_fn(x, x, "nngp")
-    fixed = net.kernel_fn(x, None, "nngp")
-    assert close(fixed, oracle)
-    assert close(naive, plain)  # no inflation: differs from NT's kernel_fn(x, x)
+    assert close(net.kernel_fn(x, None, "nngp"), oracle)
+    assert close(net.kernel_fn(x, x, "nngp"), oracle)
+    assert close(net.kernel_fn(x, x.clone(), "nngp"), plain)  # a copy: other examples
+    # other examples: no same-example entries, no inflation
+    other = x + 1e-3
+    ref = stax.serial(stax.Dense(8), stax.Relu(), stax.Dense(1)).kernel_fn(x, other, "nngp")
+    assert close(net.kernel_fn(x, other, "nngp"), ref)
 
 
 def test_b_std_none_versus_zero():

@@ -463,6 +463,10 @@ def kernel_fn(
         m1 = input_mask(x1, mask_constant, mask1, "x1")
         m2 = None if x2 is None else input_mask(x2, mask_constant, mask2, "x2")
         masks = (m1, m2)
+    if _same_examples(x1, x2, masks):
+        # x2 is x1 (Neural Tangents' x1_is_x2): the symmetric path,
+        # where same-example entries are known as such (train-mode Dropout inflates them)
+        x2, masks = None, (masks[0], None)
 
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
@@ -517,6 +521,18 @@ def kernel_fn(
     else:
         side = batch_size
     return select(_finite(_tiled, args, side, progress), get)
+
+
+def _same_examples(
+    x1: Tensor, x2: Tensor | None, masks: tuple[Tensor | None, Tensor | None]
+) -> bool:
+    """Whether ``x2`` is the very tensor ``x1`` (with the same mask): Neural Tangents'
+    ``x1_is_x2`` for ``kernel_fn(x, x)``. An equal copy stays a second batch (it is how the
+    symmetric and the general paths are checked against each other)."""
+    if x2 is not x1:
+        return False
+    m1, m2 = masks
+    return (m1 is None) == (m2 is None) and (m1 is None or torch.equal(m1, m2))
 
 
 def _rows(m: Tensor | None, a: int, b: int) -> Tensor | None:
