@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "predict": {"core"},
     "empirical": {"core"},
     "scale": {"core", "evaluate", "layers", "predict"},
+    "research": {"core", "evaluate", "layers", "elementwise", "predict"},
     "app": {"*"},
 }
 #: deliberate call-time imports of public modules (module -> public module)
