@@ -136,3 +136,18 @@ def test_deep_kernel_fn_iterates_converge_at_the_predicted_rate(w: float, b: flo
 def test_bad_activation() -> None:
     with pytest.raises(TypeError, match="elementwise"):
         cr.criticality(torch.tanh, 1.0, 0.0)
+
+
+def test_phase_diagram_plot(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from infnets import plot
+
+    b = torch.linspace(0.0, 0.6, 5)
+    fig = plot.phase_diagram(stax.Erf(), torch.linspace(0.5, 2.5, 9), b, quantity="xi_c")
+    (line,) = fig.axes[0].get_lines()
+    w_line, _ = cr.critical_line(stax.Erf(), b)
+    np.testing.assert_allclose(line.get_xdata(), w_line.numpy() ** 2)
+    path = plot.save(fig, tmp_path / "phase.png")
+    assert open(path, "rb").read(4) == b"\x89PNG"
+    with pytest.raises(ValueError, match="quantity"):
+        plot.phase_diagram(stax.Erf(), [1.0], [0.0], quantity="nope")
