@@ -74,6 +74,7 @@ def test_depth_profile_matches_prefix_kernels_and_collapses_in_the_ordered_phase
     er = prof.effective_rank["nngp"]
     assert float(er[-1]) < 1.1 < 2 < float(er[0])  # rank collapses towards one
     assert bool((er[4::2] < er[2:-2:2]).all())  # monotonically, layer after layer
-    assert float(prof.condition_number["nngp"][-1]) > 100 * float(prof.condition_number["nngp"][0])
+    cond = prof.condition_number["nngp"]  # (the raw 4-feature Gram of 6 points is singular)
+    assert float(cond[-1]) > 100 * float(cond[2])
     with pytest.raises(TypeError, match="serial"):
         dg.depth_profile(stax.Relu(), x)
