@@ -8,6 +8,7 @@ import torch
 
 from infnets import diagnostics as dg
 from infnets import stax
+from infnets.criticality import criticality
 
 
 def _psd(seed: int, n: int = 7) -> np.ndarray:
@@ -75,6 +76,8 @@ def test_depth_profile_matches_prefix_kernels_and_collapses_in_the_ordered_phase
     assert float(er[-1]) < 1.1 < 2 < float(er[0])  # rank collapses towards one
     assert bool((er[4::2] < er[2:-2:2]).all())  # monotonically, layer after layer
     cond = prof.condition_number["nngp"]  # (the raw 4-feature Gram of 6 points is singular)
-    assert float(cond[-1]) > 100 * float(cond[2])
+    # lambda_min ~ (1 - c^l) q* shrinks by chi_1 per layer: cond grows by 1 / chi_1 per block
+    chi_1 = float(criticality(stax.Erf(), 1.0, 0.5).chi_1)
+    np.testing.assert_allclose(float(cond[-1] / cond[-3]), 1 / chi_1, rtol=0.03)
     with pytest.raises(TypeError, match="serial"):
         dg.depth_profile(stax.Relu(), x)
