@@ -299,7 +299,8 @@ def phase_diagram(
     r"""Order-to-chaos phase diagram of a nonlinearity in the ``(W_std^2, b_std^2)`` plane.
 
     Colours one :class:`infnets.criticality.Criticality` quantity over the grid (by default
-    the correlation depth scale ``xi_c``, on a log scale, which diverges on the critical line)
+    the correlation depth scale ``xi_c``, on a log scale capped at ``10^3``, which diverges on
+    the critical line)
     and draws the critical line ``chi_1 = 1`` (Schoenholz et al. 2017, "Deep information
     propagation", Fig. 1; Poole et al. 2016).
 
@@ -335,9 +336,9 @@ def phase_diagram(
     b = torch.as_tensor(_np(b_std), dtype=torch.float64).reshape(-1)
     values = getattr(cr.criticality(activation, w[None, :], b[:, None]), quantity).numpy()
     logged = quantity.startswith("xi") or quantity == "q_star"
-    if logged:
+    if logged:  # depth scales diverge on the line: the colours stop at 10^3
         with np.errstate(divide="ignore"):
-            values = np.log10(np.clip(values, 1e-300, 1e300))
+            values = np.log10(np.clip(values, 1e-300, 1e3 if quantity.startswith("xi") else 1e300))
     fig, ax = _figure_axes(ax, (6.0, 4.8))
     w2, b2 = w.numpy() ** 2, b.numpy() ** 2
     mesh = ax.pcolormesh(w2, b2, values, cmap=cmap, shading="nearest")
