@@ -289,9 +289,9 @@ def finite_width_nngp(
     q2 = c_w * (x2 * x2).sum(-1) / dim + c_b
     cross = c_w * x1 @ x2.T / dim + c_b
     n1, n2 = cross.shape
-    # one-input chains: the diagonal entries (and pairs of identical inputs)
-    k_d, m_d, v_d = _chain(activation, torch.cat([q1, q2])[:, None], depth, c_w, c_b, rule)
-    diag1, diag2 = (k_d[:n1, 0], m_d[:n1, 0], v_d[:n1, 0, 0]), (k_d[n1:, 0], m_d[n1:, 0])
+    # one-input chains: pairs of identical inputs (the diagonal when x2 is None)
+    k_d, m_d, v_d = _chain(activation, q1[:, None], depth, c_w, c_b, rule)
+    diag1 = (k_d[:, 0], m_d[:, 0], v_d[:, 0, 0])
     rho = cross / torch.sqrt(q1[:, None] * q2[None, :])
     same = rho > 1 - DEGENERATE
     anti = rho < -1 + DEGENERATE
@@ -311,5 +311,4 @@ def finite_width_nngp(
         upper = torch.triu(torch.ones(n1, n1, dtype=torch.bool), 1)
         for t in (k_out, m_out, v_out):
             t[upper.T] = t.T[upper.T]
-    del diag2
     return FiniteWidthNNGP(k_out, m_out, v_out)
