@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "empirical": {"core"},
     "scale": {"core", "evaluate", "layers", "predict"},
     "ecosystem": {"core", "evaluate", "layers", "elementwise", "predict", "app"},
+    "research": {"core", "evaluate", "layers", "elementwise", "predict"},
     "app": {"*"},
 }
 #: deliberate call-time imports of public modules (module -> public module)

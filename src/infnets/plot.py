@@ -26,7 +26,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["figure", "posterior_bands", "dynamics_curves", "kernel_heatmap", "save"]
+__all__ = [
+    "figure",
+    "posterior_bands",
+    "dynamics_curves",
+    "kernel_heatmap",
+    "phase_diagram",
+    "save",
+]
 
 #: colours of successive curves (colour-blind safe, Okabe-Ito)
 COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442")
@@ -275,6 +282,77 @@ def kernel_heatmap(
         ax.set_xlabel("class")
         ax.set_ylabel("class")
     fig.colorbar(im, ax=ax, label="correlation" if normalize else "kernel")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def phase_diagram(
+    activation: Any,
+    W_std: Any,  # noqa: N803
+    b_std: Any,
+    quantity: str = "xi_c",
+    ax: Axes | None = None,
+    title: str | None = None,
+    cmap: str = "magma",
+) -> Figure:
+    r"""Order-to-chaos phase diagram of a nonlinearity in the ``(W_std^2, b_std^2)`` plane.
+
+    Colours one :class:`infnets.criticality.Criticality` quantity over the grid (by default
+    the correlation depth scale ``xi_c``, on a log scale capped at ``10^3``, which diverges on
+    the critical line)
+    and draws the critical line ``chi_1 = 1`` (Schoenholz et al. 2017, "Deep information
+    propagation", Fig. 1; Poole et al. 2016).
+
+    Args:
+        activation: an infnets elementwise layer (e.g. ``stax.Erf()``,
+            ``stax.ElementwiseNumerical(torch.tanh)``).
+        W_std: 1-D grid of weight standard deviations (``A`` values).
+        b_std: 1-D grid of bias standard deviations (``B`` values).
+        quantity: a field of :class:`~infnets.criticality.Criticality` (``'xi_c'``,
+            ``'chi_1'``, ``'q_star'``, ``'c_star'``, ...); ``xi_*`` and ``q_star`` are shown
+            in ``log10``.
+        ax: axes to draw on (default: a new figure).
+        title: axes title.
+        cmap: matplotlib colour map.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Examples:
+        >>> import torch
+        >>> from infnets import stax
+        >>> fig = phase_diagram(stax.Erf(), torch.linspace(0.5, 2.5, 12), torch.linspace(0, 1, 8))
+        >>> fig.axes[0].get_xlabel()
+        '$\\sigma_w^2$ (W_std$^2$)'
+    """
+    import torch
+
+    from infnets import criticality as cr
+
+    if quantity not in cr.Criticality._fields:
+        raise ValueError(f"phase_diagram: quantity must be one of {cr.Criticality._fields}.")
+    w = torch.as_tensor(_np(W_std), dtype=torch.float64).reshape(-1)
+    b = torch.as_tensor(_np(b_std), dtype=torch.float64).reshape(-1)
+    values = getattr(cr.criticality(activation, w[None, :], b[:, None]), quantity).numpy()
+    logged = quantity.startswith("xi") or quantity == "q_star"
+    if logged:  # depth scales diverge on the line: the colours stop at 10^3
+        with np.errstate(divide="ignore"):
+            values = np.log10(np.clip(values, 1e-300, 1e3 if quantity.startswith("xi") else 1e300))
+    fig, ax = _figure_axes(ax, (6.0, 4.8))
+    w2, b2 = w.numpy() ** 2, b.numpy() ** 2
+    mesh = ax.pcolormesh(w2, b2, values, cmap=cmap, shading="nearest")
+    fig.colorbar(mesh, ax=ax, label=f"log10 {quantity}" if logged else quantity)
+    line_w, _ = cr.critical_line(activation, b)
+    ok = np.isfinite(line_w.numpy())
+    ax.plot(line_w.numpy()[ok] ** 2, b2[ok], color="w", lw=2, label=r"critical line $\chi_1 = 1$")
+    ax.set_xlim(w2.min(), w2.max())
+    ax.set_ylim(b2.min(), b2.max())
+    ax.set_xlabel(r"$\sigma_w^2$ (W_std$^2$)")
+    ax.set_ylabel(r"$\sigma_b^2$ (b_std$^2$)")
+    ax.text(0.03, 0.95, "ordered", transform=ax.transAxes, color="w", va="top")
+    ax.text(0.97, 0.05, "chaotic", transform=ax.transAxes, color="w", ha="right")
+    ax.legend(fontsize=8, loc="upper right")
     if title:
         ax.set_title(title)
     return fig

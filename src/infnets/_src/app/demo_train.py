@@ -2,7 +2,8 @@
 
 Two protocols:
 
-* :func:`gradient_descent_ensemble`: full-batch gradient descent on
+* :func:`gradient_descent_ensemble`: (a wrapper of the public
+  :func:`infnets.train.gradient_descent_ensemble`) full-batch gradient descent on
   ``L = 1/2 sum (f(X) - Y)^2`` with step ``learning_rate``, the convention of
   :mod:`infnets.predict` (so step ``t`` matches time ``t`` of
   ``gradient_descent_mse_ensemble``), for many random initialisations at once
@@ -17,12 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
-from torch.func import vmap
 
 from infnets._src.evaluate.chunks import single_threaded_ops as single_thread
 from infnets._src.layers.base import Layer
+from infnets._src.research.train import gradient_descent_ensemble as _public_trainer
 
 __all__ = [
     "gradient_descent_ensemble",
@@ -32,12 +32,6 @@ __all__ = [
     "accuracy",
     "single_thread",
 ]
-
-
-def _stack(trees: list[Any]) -> Any:
-    leaves = [pytree.tree_flatten(t)[0] for t in trees]
-    spec = pytree.tree_flatten(trees[0])[1]
-    return pytree.tree_unflatten([torch.stack(xs) for xs in zip(*leaves)], spec)
 
 
 def gradient_descent_ensemble(
@@ -76,35 +70,13 @@ def gradient_descent_ensemble(
         ``(fx_train_0, fx_test)``: the ``(S, N, k)`` initial train outputs and the
         ``(S, T, M, k)`` test outputs at the ``T`` sorted recorded steps.
     """
-    init_fn, apply_fn, _ = layer
-    in_shape = (-1,) + tuple(x_train.shape[1:])
-    params = _stack(
-        [init_fn(int(s), in_shape, dtype=x_train.dtype, device=x_train.device)[1] for s in seeds]
+    asked = sorted({int(s) for s in record_steps})
+    out = _public_trainer(
+        layer, x_train, y_train, learning_rate, [0, *asked], seeds, x_test, progress=progress
     )
-    leaves, spec = pytree.tree_flatten(params)
-    leaves = [leaf.requires_grad_(True) for leaf in leaves]
-    batched = vmap(apply_fn, in_dims=(0, None))
-    steps = sorted({int(s) for s in record_steps})
-    records: list[Tensor] = []
-    with torch.no_grad():
-        fx_train_0 = batched(pytree.tree_unflatten(leaves, spec), x_train)
-    for step in range(steps[-1] + 1):
-        if step in steps:
-            with torch.no_grad():
-                records.append(batched(pytree.tree_unflatten(leaves, spec), x_test))
-        if step == steps[-1]:
-            break
-        with torch.enable_grad():
-            out = batched(pytree.tree_unflatten(leaves, spec), x_train)
-            loss = 0.5 * ((out - y_train) ** 2).sum()
-            grads = torch.autograd.grad(loss, leaves)
-        with torch.no_grad():
-            leaves = [
-                (leaf - learning_rate * g).requires_grad_(True) for leaf, g in zip(leaves, grads)
-            ]
-        if progress is not None:
-            progress.update(1)
-    return fx_train_0, torch.stack(records, dim=1)
+    assert out.fx_test is not None
+    fx_test = out.fx_test if asked[0] == 0 else out.fx_test[:, 1:]
+    return out.fx_train[:, 0], fx_test
 
 
 def linearized_gradient_descent(

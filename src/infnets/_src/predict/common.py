@@ -459,6 +459,66 @@ def decay_integral(w_reg: Tensor, times: Tensor, rate: float) -> Tensor:
     return torch.where(positive[None, :], phi, rate * t.expand_as(phi))
 
 
+def discrete_decay_sum(w_reg: Tensor, times: Tensor, rate: float, power: float = 1.0) -> Tensor:
+    """``phi[t, i] = (1 - (1 - rate w_i)^(power t)) / w_i``, discrete :func:`decay_integral`.
+
+    ``t`` steps of gradient descent ``r <- (1 - rate w) r`` on one eigen-direction leave
+    ``(1 - rate w)^t`` of the residual; ``rate sum_{j<t} (1 - rate w)^j`` is ``phi`` with
+    ``power = 1``. ``power = 2`` gives the NNGP variance factor ``(1 - (1 - rate w)^{2t}) / w``.
+    At ``w_i = 0`` it is ``power rate t``; ``t = inf`` needs ``|1 - rate w| < 1``
+    (see :func:`require_stable_steps`).
+
+    Args:
+        w_reg: ``(N,)`` eigenvalues (clipped at 0 here).
+        times: ``(T,)`` integer step counts (or ``inf``).
+        rate: the learning rate.
+        power: the exponent's factor (1, or 2 for the NNGP covariance).
+
+    Returns:
+        ``(T, N)`` float64 tensor on ``w_reg``'s device.
+    """
+    w = w_reg.clamp_min(0.0)
+    t = times.to(device=w.device, dtype=w.dtype)[:, None] * power
+    positive = w > 0
+    w_safe = torch.where(positive, w, torch.ones_like(w))
+    a = (rate * w_safe)[None, :].expand(t.shape[0], -1)
+    small = a < 1
+    # 1 - (1 - a)^t: by expm1/log1p where the base is positive (accurate for small a t)
+    accurate = -torch.expm1(t * torch.log1p(-torch.where(small, a, torch.zeros_like(a))))
+    general = 1 - torch.pow(1 - a, t.expand_as(a))
+    phi = torch.where(small, accurate, general) / w_safe
+    return torch.where(positive[None, :], phi, power * rate * t.expand_as(phi))
+
+
+def check_step_times(times: Tensor, fn: str) -> None:
+    """Discrete times must be whole numbers of steps (or ``inf``)."""
+    finite = times[torch.isfinite(times)]
+    if bool((finite != torch.floor(finite)).any()):
+        bad = finite[finite != torch.floor(finite)][0].item()
+        raise ValueError(
+            f"{fn}: with discrete=True, t counts gradient-descent steps and must be whole "
+            f"numbers (or inf), got {bad}."
+        )
+
+
+def require_stable_steps(eig: Eig, rate: float, fn: str, what: str) -> None:
+    """Raise when ``t = inf`` steps are asked with a learning rate at or above ``2 / w_max``."""
+    w_max = float(eig.w_reg.max())
+    if rate * w_max >= 2:
+        raise ValueError(
+            f"{fn}: gradient descent with learning_rate={rate:.4g} diverges on {what} "
+            f"(largest eigenvalue {w_max:.4g}: |1 - lr w| >= 1), so t=inf has no limit; use "
+            f"learning_rate < {2 / w_max:.4g} (predict.max_learning_rate) or finite t."
+        )
+
+
+def decay(w_reg: Tensor, times: Tensor, rate: float, discrete: bool, power: float = 1.0) -> Tensor:
+    """:func:`decay_integral` (gradient flow) or :func:`discrete_decay_sum` (gradient descent)."""
+    if discrete:
+        return discrete_decay_sum(w_reg, times, rate, power)
+    return decay_integral(w_reg, times, power * rate)
+
+
 def symmetrize(c: Tensor) -> Tensor:
     """``(C + C^T) / 2`` over the last two axes."""
     return 0.5 * (c + c.transpose(-1, -2))

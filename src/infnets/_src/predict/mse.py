@@ -39,8 +39,9 @@ def gradient_descent_mse(
     *,
     diag_reg_absolute_scale: bool = False,
     jitter: pc.Jitter = None,
+    discrete: bool = False,
 ) -> Callable[..., Any]:
-    r"""Exact outputs of a linearized network trained by gradient flow on MSE.
+    r"""Exact outputs of a linearized network trained by gradient flow (or descent) on MSE.
 
     The loss is ``L = 1/2 sum_{i, c} (f_c(x_i) - y_{i, c})^2`` (a sum, not a mean;
     for a mean over the ``N k`` target entries use ``learning_rate / (N k)``) and
@@ -56,6 +57,16 @@ def gradient_descent_mse(
     ``L + λ/2 |θ - θ_0|^2`` (weight decay towards the initialisation); on the
     train set ``Θ(x, X) = Θ(X, X)`` is the unregularized kernel. The kernel acts as
     ``Θ (x) I`` on the output axes.
+
+    With ``discrete=True`` the network takes ``t`` whole steps of gradient descent
+    ``θ <- θ - lr dL/dθ`` with the finite learning rate ``lr`` instead, and
+
+    ``f_t(x) = f_0(x) - Θ(x, X) Θ_r^{-1} (I - (I - lr Θ_r)^t) (f_0(X) - Y)``
+
+    exactly, step for step, for the linearized network (``(I - lr Θ_r)^t`` replaces
+    ``exp(-lr Θ_r t)``; Lee et al. 2019, sec. 2.4). ``t = inf`` then needs
+    ``lr < 2 / w_max`` (:func:`max_learning_rate`); above it finite times are still
+    exact but grow without bound.
 
     ``Θ_r = V diag(w) V^T`` is eigendecomposed once (float64); each time then costs
     ``O(N^2 k)`` on the train set and ``O(M N k)`` on a test set (``Θ(x, X) V`` is
@@ -73,6 +84,8 @@ def gradient_descent_mse(
         jitter: ``'auto'`` adds (and reports) the smallest diagonal jitter making a
             singular kernel invertible; ``None`` raises at ``t = inf`` instead
             (finite times are exact even for a singular kernel).
+        discrete: ``t`` counts whole steps of gradient descent with step ``lr``
+            (``(I - lr Θ)^t``) instead of gradient-flow time (``exp(-lr Θ t)``).
 
     Returns:
         ``predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)``:
@@ -128,8 +141,12 @@ def gradient_descent_mse(
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Outputs at time(s) ``t``; see :func:`gradient_descent_mse`."""
         times, has_axis = pc.parse_times(t, fn)
+        if discrete:
+            pc.check_step_times(times, fn)
         if bool(torch.isinf(times).any()):
             pc.require_converged(eig, fn, "k_train_train")
+            if discrete:
+                pc.require_stable_steps(eig, lr, fn, "k_train_train")
         if fx_test_0 is not None and k_test_train is None:
             raise ValueError(
                 f"{fn}: fx_test_0 was given without k_test_train; pass the (M, N) test-train "
@@ -137,7 +154,7 @@ def gradient_descent_mse(
             )
         f0 = pc.as_initial_outputs(fx_train_0, "fx_train_0", fn, tuple(y.shape), device)
         r = v.T @ f0.reshape(n, -1) - vty  # (N, k) residual in the eigenbasis
-        phi = pc.decay_integral(eig.w_reg, times, lr)  # (T, N)
+        phi = pc.decay(eig.w_reg, times, lr, discrete)  # (T, N)
         steps = phi[:, :, None] * r  # (T, N, k)
         fx_train = f0.reshape(n, -1) - v @ (w_train[None, :, None] * steps)
         fx_train = pc.check_finite_result(fx_train, fn, "train prediction")
@@ -167,6 +184,7 @@ def gradient_descent_mse_ensemble(
     *,
     diag_reg_absolute_scale: bool = False,
     jitter: pc.Jitter = None,
+    discrete: bool = False,
     **kernel_fn_kwargs: Any,
 ) -> Callable[..., Any]:
     r"""Mean and covariance over initialisations of infinitely wide networks trained on MSE.
@@ -184,6 +202,12 @@ def gradient_descent_mse_ensemble(
       kernel is the NNGP), the same formulas, which simplify with
       ``K_r = V diag(w) V^T`` to
       ``Σ_t = K(x, x) - K(x, X) V diag((1 - exp(-2 lr w t)) / w) V^T K(X, x)``.
+
+    With ``discrete=True``, ``t`` counts whole steps of gradient descent with the
+    finite step ``lr``: ``A_t = G(x, X) G_r^{-1} (I - (I - lr G_r)^t)`` and the NNGP
+    covariance's factor becomes ``(1 - (1 - lr w)^{2t}) / w``; the ensemble of finite
+    twins trained by :func:`infnets.train.gradient_descent_ensemble` approaches
+    these step for step as the width grows.
 
     ``Σ_0 = K(x, x)`` is the prior; at ``t = inf`` these are the posteriors of
     :func:`gp_inference`. The ridge ``λ`` (``diag_reg``, relative to each
@@ -213,6 +237,8 @@ def gradient_descent_mse_ensemble(
         diag_reg_absolute_scale: treat ``diag_reg`` as an absolute ridge.
         jitter: ``'auto'`` adds (and reports) the smallest jitter making a singular
             train kernel invertible; ``None`` raises at ``t = inf`` instead.
+        discrete: ``t`` counts whole steps of gradient descent (``(I - lr G)^t``)
+            instead of gradient-flow time (``exp(-lr G t)``).
         **kernel_fn_kwargs: passed to every ``kernel_fn`` call.
 
     Returns:
@@ -380,6 +406,8 @@ def gradient_descent_mse_ensemble(
         """Ensemble mean (and covariance) at time(s) ``t``; see the factory's docstring."""
         names, is_tuple = pc.parse_get(ENSEMBLE_GETS if get is None else get, ENSEMBLE_GETS, fn)
         times, has_axis = pc.parse_times(t, fn)
+        if discrete:
+            pc.check_step_times(times, fn)
         if isinstance(x_test, np.ndarray):
             raise TypeError(
                 f"{fn}: pass x_test as a torch.Tensor (its identity keys the kernel cache); "
@@ -394,8 +422,10 @@ def gradient_descent_mse_ensemble(
             e = eig(g)
             if bool(torch.isinf(times).any()):
                 pc.require_converged(e, fn, f"the train-train {g}")
+                if discrete:
+                    pc.require_stable_steps(e, lr, fn, f"the train-train {g}")
             b = projection(cache, g, g)  # (M, N)
-            phi = pc.decay_integral(e.w_reg, times, lr)  # (T, N)
+            phi = pc.decay(e.w_reg, times, lr, discrete)  # (T, N)
             mean = b @ (phi[:, :, None] * state["vty", g])  # (T, M, k)
             mean = pc.check_finite_result(mean, fn, f"{g!r} mean")
             mean = pc.add_time_axis(mean.reshape((-1, m) + out_shape).to(out_dtype), has_axis)
@@ -408,7 +438,7 @@ def gradient_descent_mse_ensemble(
             for lo in range(0, times.numel(), chunk):  # loop over blocks of times only
                 tb = times[lo : lo + chunk]
                 if g == "nngp":
-                    psi = pc.decay_integral(e.w_reg, tb, 2 * lr)  # (1 - e^{-2 lr w t}) / w
+                    psi = pc.decay(e.w_reg, tb, lr, discrete, 2.0)  # (1 - e^{-2 lr w t}) / w
                     cov = kxx - (b[None] * psi[:, None, :]) @ b.T
                 else:
                     p = b[None] * phi[lo : lo + chunk, None, :]  # (T, M, N) = A_t V
