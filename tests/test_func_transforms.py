@@ -75,3 +75,20 @@ def test_grad_wrt_hyperparameters() -> None:
 
     p = torch.tensor([1.4, 0.3], dtype=DT)
     torch.testing.assert_close(grad(f)(p), _fd(f, p), rtol=1e-6, atol=1e-8)
+
+
+def test_vmap_is_refused_clearly() -> None:
+    """vmap over kernel_fn is not supported (inputs are validated with data-dependent checks):
+    a clear error names the argument and the fix, instead of torch's control-flow error."""
+    net = NETS["relu"]()
+    xs = torch.randn(4, 3, 2, dtype=DT)
+    with pytest.raises(TypeError, match=r"x1 is batched by torch\.func\.vmap.*stack the examples"):
+        torch.func.vmap(lambda a: net.kernel_fn(a, None, "nngp"))(xs)
+
+
+def test_torch_compile_matches_eager() -> None:
+    """torch.compile of a function calling kernel_fn runs (with graph breaks) and agrees."""
+    net = NETS["erf"]()
+    x = torch.randn(5, 4, dtype=DT, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(lambda a: net.kernel_fn(a, None, "ntk"), backend="eager")
+    torch.testing.assert_close(compiled(x), net.kernel_fn(x, None, "ntk"), rtol=0, atol=0)

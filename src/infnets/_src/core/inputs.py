@@ -55,9 +55,25 @@ def as_tensor(x: Any, name: str) -> Tensor:
             f"{name} is empty (shape {tuple(x.shape)}); pass at least one example with at "
             "least one feature."
         )
+    if _is_vmapped(x):
+        raise TypeError(
+            f"{name} is batched by torch.func.vmap; kernel functions are already batched over "
+            "examples and validate their inputs (data-dependent checks vmap cannot trace): "
+            "stack the examples along axis 0 and make one call instead of vmapping over them "
+            "(grad and jacrev are supported)."
+        )
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf; clean or impute the data first.")
     return x
+
+
+def _is_vmapped(x: Tensor) -> bool:
+    """Whether ``x`` is a ``torch.func.vmap`` batched tensor (at any level)."""
+    try:
+        from torch._C._functorch import is_batchedtensor
+    except ImportError:  # pragma: no cover - older torch without functorch bindings
+        return False
+    return bool(is_batchedtensor(x))
 
 
 def check_pair(x1: Any, x2: Any, min_rank: int = 2) -> tuple[Tensor, Tensor | None]:
