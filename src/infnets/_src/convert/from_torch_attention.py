@@ -189,6 +189,24 @@ class TorchAttention(Layer):
         b_stds: ``(b_query, b_key, b_value, b_out)`` or ``None`` without biases.
         parameterization: ``'standard'`` (parameters are the module tensors) or ``'ntk'``.
         n_samples: quasi-Monte Carlo points of the softmax expectation.
+
+    Examples:
+        >>> from infnets import stax
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.emb = nn.Conv1d(3, 16, 1)
+        ...         self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        ...     def forward(self, x):  # x: (N, C, L)
+        ...         h = self.emb(x).permute(0, 2, 1)  # (N, L, E)
+        ...         return (h + self.attn(h, h, h, need_weights=False)[0]).mean(1)
+        >>> model = Block().double().eval()
+        >>> x = torch.randn(2, 3, 5, dtype=torch.float64)
+        >>> net = stax.from_torch(model, x)
+        >>> net.kernel_fn(x, None, 'nngp').shape
+        torch.Size([2, 2])
+        >>> torch.allclose(net.apply_fn(stax.params_from(net, model), x), model(x))
+        True
     """
 
     embed_dim: int
@@ -327,19 +345,13 @@ def attention_layer(op: Op, m: nn.MultiheadAttention) -> TorchAttention:
 @register_converter(nn.MultiheadAttention)
 def _mha(op: Op) -> Conversion:
     m = op.target
-    _check_mha(op, m)
+    _mha_early(op)
     q, k, v = op.arg(0, "query"), op.arg(1, "key"), op.arg(2, "value")
     if not (op.is_tensor(q) and k is q and v is q):
         raise op.refuse(
             "only self-attention attn(x, x, x) is converted: cross-attention (different "
             "key/value tensors) is not a layer of one input here."
         )
-    for name, i in (("key_padding_mask", 4), ("attn_mask", 6)):
-        if op.arg(i, name) is not None:
-            raise op.refuse(f"{name} is not converted (use infnets masks: mask_constant=).",
-                            NotYetSupportedError)  # fmt: skip
-    if op.arg(8, "is_causal", False):
-        raise op.refuse("causal attention is not converted.", NotYetSupportedError)
     want = (0, 2, 1) if m.batch_first else (2, 0, 1)
     if op.layout(q) != want:
         raise op.refuse(
@@ -354,6 +366,12 @@ def _mha(op: Op) -> Conversion:
 
 def _mha_early(op: Op) -> None:
     _check_mha(op, op.target)
+    for name, i in (("key_padding_mask", 4), ("attn_mask", 6)):
+        if op.arg(i, name) is not None:
+            raise op.refuse(f"{name} is not converted (use infnets masks: mask_constant=).",
+                            NotYetSupportedError)  # fmt: skip
+    if op.arg(8, "is_causal", False):
+        raise op.refuse("causal attention is not converted.", NotYetSupportedError)
 
 
 _mha.early = _mha_early  # type: ignore[attr-defined]
