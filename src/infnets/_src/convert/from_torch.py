@@ -643,6 +643,9 @@ def from_torch(
             without a bias keep none.
         deg: Gauss-Hermite nodes per dimension for activations without a closed form
             (kinked ones use at least 96).
+        input_layout: ``'NLC'``/``'LNC'`` for models whose input is a PyTorch sequence
+            (``None``: channels-first, or a bare attention module's own order). Attention:
+            :mod:`infnets._src.convert.from_torch_attention` (the many-heads limit).
 
     Returns:
         A :class:`TorchGraph` layer: ``init_fn``, ``apply_fn``, ``kernel_fn``,
