@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from attention_mc import as_pp
 from helpers import assert_mc_agrees
 from infnets import stax
 from infnets.empirical import monte_carlo_kernel_fn
@@ -418,16 +419,10 @@ def test_refusals_name_the_operation(name):
         assert "monte_carlo_kernel_fn" in msg, msg
 
 
-@pytest.mark.parametrize(
-    "model, x",
-    [
-        (nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2)), VEC),
-        (nn.TransformerEncoderLayer(4, 2, dim_feedforward=8), torch.randn(2, 3, 4)),
-    ],
-)
-def test_attention_is_not_yet_supported(model, x):
+def test_decoder_attention_is_not_yet_supported():
+    model = nn.TransformerDecoderLayer(4, 2, dim_feedforward=8)
     with pytest.raises(stax.NotYetSupportedError, match="attention") as info:
-        stax.from_torch(model, x)
+        stax.from_torch(model, torch.randn(3, 2, 4))
     assert isinstance(info.value, NotImplementedError)
 
 
@@ -455,6 +450,7 @@ def test_shape_dependent_conversions_ask_for_an_example():
         "infnets._src.convert.from_torch",
         "infnets._src.convert.from_torch_layers",
         "infnets._src.convert.from_torch_registry",
+        "infnets._src.convert.from_torch_attention",
     ],
 )
 def test_docstring_examples_run(name):
@@ -463,3 +459,185 @@ def test_docstring_examples_run(name):
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+# ---------------------------------------------------------------- attention (issue #15)
+class SeqModel(nn.Module):
+    """Embedding Conv1d on (N, C, L), PyTorch's sequence order, attention, back to (N, E, L)."""
+
+    def __init__(self, e=16, h=4, kind="mha", batch_first=True, act="relu", head=False, res=True):
+        super().__init__()
+        self.res = res
+        self.emb = nn.Conv1d(4, e, 1)
+        self.bf, self.kind = batch_first, kind
+        if kind == "mha":
+            self.attn = nn.MultiheadAttention(e, h, batch_first=batch_first)
+        else:
+            self.attn = nn.TransformerEncoderLayer(
+                e, h, 2 * e, dropout=0.1, activation=act, batch_first=batch_first,
+                norm_first=kind == "pre",
+            )  # fmt: skip
+        self.head = nn.Linear(e, 3) if head else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        h = h.permute(0, 2, 1) if self.bf else h.permute(2, 0, 1)
+        if self.kind == "mha":
+            a = self.attn(h, h, h, need_weights=False)[0]
+            h = h + a if self.res else a
+        else:
+            h = self.attn(h)
+        if self.head is not None:  # mean over the positions, a linear readout
+            return self.head(h.mean(1 if self.bf else 0))
+        return h.transpose(1, 2) if self.bf else h.permute(1, 2, 0)
+
+
+SEQ = _x((3, 4, 5), 7)
+
+
+@pytest.mark.parametrize("parameterization", ["standard", "ntk"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind, act", [("mha", "relu"), ("post", "relu"), ("pre", "gelu")])
+def test_attention_apply_fn_reproduces_the_model(kind, act, batch_first, parameterization):
+    torch.manual_seed(0)
+    for head in (False, True):
+        model = SeqModel(16, 4, kind, batch_first, act, head).double().eval()
+        if parameterization == "standard":  # trained-looking biases: in_proj, out_proj, norms
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "bias" in name:
+                        p.normal_(0, 0.1)
+        net = stax.from_torch(model, SEQ, parameterization=parameterization)
+        got = net.apply_fn(stax.params_from(net, model), SEQ)
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(SEQ), rtol=1e-12, atol=1e-12)
+        k = net.kernel_fn(SEQ, None, "nngp")
+        assert torch.isfinite(k).all()
+        twin = net.to_module((-1, 4, 5), key=1, dtype=F64)
+        assert twin(SEQ).shape == got.shape
+
+
+def test_bare_encoder_layer_takes_the_models_own_layout():
+    """A bare TransformerEncoderLayer: apply_fn on (L, N, E); its kernel needs centred inputs."""
+    tel = nn.TransformerEncoderLayer(8, 2, 16).double().eval()
+    x = _x((5, 3, 8), 3)  # (L, N, E)
+    net = stax.from_torch(tel, x)
+    with torch.no_grad():
+        torch.testing.assert_close(net.apply_fn(stax.params_from(net, tel), x), tel(x))
+    with pytest.raises(ValueError, match="zero-mean"):  # LayerNorm of raw inputs
+        net.kernel_fn(x, None, "nngp")
+    per_position = nn.Sequential(nn.Linear(8, 8)).double()  # input_layout: (N, L, C) inputs
+    xb = x.transpose(0, 1)
+    net = stax.from_torch(per_position, xb, input_layout="NLC")
+    with torch.no_grad():
+        torch.testing.assert_close(net.apply_fn(stax.params_from(net, per_position), xb),
+                                   per_position(xb))  # fmt: skip
+    assert net.kernel_fn(xb, None, "nngp").shape == (3, 3, 5, 5)
+
+
+def _mc_seq(kind: str, e: int, h: int, x: torch.Tensor, n_nets: int) -> dict[str, torch.Tensor]:
+    """NNGP per pair of positions: each network is a fresh construction of the module
+    (PyTorch's own initialisation, including MHA's xavier in-projection and zero biases);
+    its E output channels are i.i.d. given everything before out_proj/linear2."""
+    ks = []
+    for s in range(n_nets):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(10_000 + s)
+            model = SeqModel(e, h, kind, res=False).double().eval()
+        with torch.no_grad():
+            y = model(x)
+        ks.append(torch.einsum("ncp,mcq->nmpq", y, y) / y.shape[1])
+    k_s = torch.stack(ks)
+    return {"nngp": k_s.mean(0), "nngp_se": k_s.std(0) / math.sqrt(n_nets)}
+
+
+def _seq_x() -> torch.Tensor:
+    x = _x((3, 4, 4), 11)
+    x[1] = 0.8 * x[0] + 0.6 * x[1]
+    return 2.5 * x  # logits of variance ~ 1: the softmax is far from uniform
+
+
+E_MC, H_MC = 256, 4
+#: finite width: the logits sum d = 64 products (excess kurtosis ~ 6/d), allowance 2/d;
+#: plus the quasi-Monte Carlo error of the softmax expectation (~1% at 1024 points)
+ATTN_BIAS = 2 / (E_MC // H_MC) + 0.01
+
+
+@pytest.mark.parametrize("kind, n_nets", [("mha", 150), ("post", 80)])
+def test_attention_nngp_matches_monte_carlo_over_reinitialisations(kind, n_nets):
+    x = _seq_x()
+    mc = _mc_seq(kind, E_MC, H_MC, x, n_nets)
+    model = SeqModel(E_MC, H_MC, kind, res=False).double().eval()
+    k = as_pp(stax.from_torch(model, x).kernel_fn(x, None, "nngp"))
+    assert_mc_agrees(mc["nngp"], mc["nngp_se"], k, ATTN_BIAS, f"{kind} NNGP")
+    if kind == "mha":  # an independent hand-built network gives the same kernel, and power
+        from infnets._src.attention.layer import GlobalSelfAttention
+
+        def hand(s_qk: float, linear_scaling: bool = False) -> torch.Tensor:
+            d = E_MC // H_MC
+            attn = GlobalSelfAttention(
+                E_MC, d, d, H_MC, linear_scaling=linear_scaling, W_key_std=s_qk,
+                W_query_std=s_qk, W_value_std=math.sqrt(0.5), W_out_std=1 / math.sqrt(3),
+            )  # fmt: skip
+            emb = stax.Conv(E_MC, (1,), W_std=3**-0.5, b_std=12**-0.5, parameterization="standard")
+            return as_pp(stax.serial(emb, attn).kernel_fn(x, None, "nngp"))
+
+        torch.testing.assert_close(hand(math.sqrt(0.5)), k)
+        for wrong in (hand(1 / math.sqrt(3)), hand(math.sqrt(0.5), True)):
+            with pytest.raises(AssertionError):  # nn.Linear's 1/3 for xavier; 1/d logits
+                assert_mc_agrees(mc["nngp"], mc["nngp_se"], wrong, ATTN_BIAS, "wrong")
+
+
+def test_attention_ntk_needs_the_ntk_parameterization():
+    model = SeqModel(16, 4, "mha").double().eval()
+    net = stax.from_torch(model, SEQ)
+    with pytest.raises(stax.FromTorchError, match="standard parameterization"):
+        net.kernel_fn(SEQ, None, "ntk")
+    ntk = stax.from_torch(model, SEQ, parameterization="ntk").kernel_fn(SEQ, None, "ntk")
+    assert torch.isfinite(ntk).all()
+    pre = stax.from_torch(SeqModel(16, 4, "pre").double().eval(), SEQ, parameterization="ntk")
+    with pytest.raises(stax.FromTorchError, match="pre-norm"):
+        pre.kernel_fn(SEQ, None, "ntk")
+
+
+class _Attn(nn.Module):
+    def __init__(self, call, **kw):  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.emb = nn.Conv1d(4, 8, 1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, **kw)
+        self.call = call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x).permute(0, 2, 1)
+        return self.call(self.attn, h).permute(0, 2, 1)
+
+
+_MASK = torch.zeros(5, 5, dtype=torch.bool)
+_KPM = torch.zeros(3, 5, dtype=torch.bool)
+ATTN_REFUSALS = {
+    "cross_attention": (lambda a, h: a(h, 2 * h, 2 * h)[0], {}, "cross-attention"),
+    "attn_mask": (lambda a, h: a(h, h, h, attn_mask=_MASK)[0], {}, "attn_mask"),
+    "key_padding_mask": (
+        lambda a, h: a(h, h, h, key_padding_mask=_KPM)[0], {}, "key_padding_mask"
+    ),
+    "add_bias_kv": (lambda a, h: a(h, h, h)[0], {"add_bias_kv": True}, "add_bias_kv"),
+    "add_zero_attn": (lambda a, h: a(h, h, h)[0], {"add_zero_attn": True}, "add_zero_attn"),
+    "kdim": (lambda a, h: a(h, h, h)[0], {"kdim": 4, "vdim": 4}, "kdim"),
+    "weights_used": (lambda a, h: a(h, h, h)[0] * a(h, h, h)[1].sum(), {}, "weights"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(ATTN_REFUSALS))
+def test_attention_refusals_name_the_module_and_reason(name):
+    call, kw, needle = ATTN_REFUSALS[name]
+    model = _Attn(call, **kw).double().eval()
+    with pytest.raises(stax.FromTorchError) as info:
+        stax.from_torch(model, SEQ).kernel_fn(SEQ, None, "nngp")
+    msg = str(info.value)
+    assert needle in msg and ("MultiheadAttention" in msg or "getitem" in msg), msg
+
+
+def test_attention_dropout_in_training_mode_is_refused():
+    for model in (SeqModel(8, 2, "post").double(), _Attn(lambda a, h: a(h, h, h)[0], dropout=0.1)):
+        with pytest.raises(stax.FromTorchError, match="training mode"):
+            stax.from_torch(model.train(), SEQ)

@@ -37,7 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from infnets._src.convert import from_torch_ops  # noqa: F401 - registers the converters
+from infnets._src.convert import (
+    from_torch_attention,  # noqa: F401 - registers attention
+    from_torch_ops,  # noqa: F401 - registers the converters
+)
 from infnets._src.convert.from_torch_layers import ChannelAffine, NoNTK
 from infnets._src.convert.from_torch_registry import (
     ALIAS,
@@ -48,6 +51,7 @@ from infnets._src.convert.from_torch_registry import (
     NotYetSupportedError,
     Op,
     Options,
+    Relayout,
     find_converter,
 )
 from infnets._src.core import inputs as _inputs
@@ -121,11 +125,16 @@ class TorchGraph(Layer):
         output: int,
         input_shape: tuple[int, ...] | None,
         model_name: str,
+        in_layout: tuple[int, ...] | None = None,
+        out_layout: tuple[int, ...] | None = None,
     ) -> None:
         self.nodes = nodes
         self.output = output
         self.input_shape = input_shape
         self.model_name = model_name
+        self.in_layout = in_layout  # model input = channels-first input .permute(in_layout)
+        self.out_layout = out_layout
+        self._to_cf = None if in_layout is None else tuple(in_layout.index(i) for i in range(3))
         users = [0] * (len(nodes) + 1)
         for node in nodes:
             for v in node.inputs:
@@ -166,8 +175,28 @@ class TorchGraph(Layer):
         ins = [vals[v] for v in node.inputs]
         return ins[0] if len(ins) == 1 else ins
 
+    def _cf_shape(self, shape: Any) -> Any:
+        """The model's input shape in infnets' channels-first order."""
+        if self._to_cf is None or isinstance(shape, list):
+            return shape
+        if len(shape) != 3:
+            raise ValueError(f"{self!r} takes sequences of rank 3, received shape {tuple(shape)}.")
+        return tuple(shape[i] for i in self._to_cf)
+
+    def _kernel_fn(self, x1: Any, x2: Any = None, get: Any = None, **options: Any) -> Any:
+        if self._to_cf is not None and isinstance(x1, Tensor):  # the model's sequence layout
+            if any(k in options for k in ("mask1", "mask2", "mask_constant")):
+                raise ValueError(
+                    f"{self!r}: masks are not supported for models of (N, L, C)/(L, N, C) inputs."
+                )
+            x1 = x1.permute(self._to_cf) if x1.ndim == 3 else x1
+            if isinstance(x2, Tensor) and x2.ndim == 3:
+                x2 = x2.permute(self._to_cf)
+        return super()._kernel_fn(x1, x2, get, **options)
+
     # ------------------------------------------------------------- finite
     def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+        in_shape = self._cf_shape(in_shape)
         self._check_shape(in_shape, "an input shape")
         shapes: list[Any] = [tuple(in_shape)]
         params: dict[str, Params] = {}
@@ -176,14 +205,21 @@ class TorchGraph(Layer):
             shapes.append(shape)
             if _has_tensors(p):
                 params[node.name] = p
-        return shapes[self.output], params
+        out = shapes[self.output]
+        if self.out_layout is not None:
+            out = tuple(out[i] for i in self.out_layout)
+        return out, params
 
     def apply(self, params: Params, x: Any) -> Any:
+        if self._to_cf is not None:
+            self._cf_shape(x.shape)
+            x = x.permute(self._to_cf)
         self._check_shape(tuple(x.shape), "an input")
         vals: list[Any] = [x]
         for node in self.nodes:
             vals.append(node.layer.apply(params.get(node.name, ()), self._arg(vals, node)))
-        return vals[self.output]
+        out = vals[self.output]
+        return out if self.out_layout is None else out.permute(self.out_layout)
 
     # ------------------------------------------------------------- infinite
     def _needs(self, out_full: Any) -> list[Any]:
@@ -365,7 +401,7 @@ def _shapes(gm: fx.GraphModule, example: Tensor | None) -> dict[fx.Node, tuple[i
 
 
 def _ends_in_gain(layer: Layer) -> bool:
-    if isinstance(layer, ChannelAffine):
+    if isinstance(layer, ChannelAffine) or getattr(layer, "ends_in_gain", False):
         return True
     kids = getattr(layer, "layers", None)
     return bool(kids) and _ends_in_gain(kids[-1])
@@ -378,29 +414,25 @@ def _refuse_early(gm: fx.GraphModule, options: Options) -> None:
             continue
         target, label, module_name = _label(fx_node, gm)
         converter = find_converter(target)
-        if converter is None or getattr(converter, "refusal", False):
-            op = Op(
-                fx_node,
-                target,
-                label,
-                module_name,
-                tuple(fx_node.args),
-                dict(fx_node.kwargs),
-                _where(fx_node),
-                options,
-                {},
-                set(),
-            )
+        early = getattr(converter, "early", None)  # checks needing no shapes
+        if converter is None or getattr(converter, "refusal", False) or early is not None:
+            args, kwargs = tuple(fx_node.args), dict(fx_node.kwargs)
+            op = Op(fx_node, target, label, module_name, args, kwargs, _where(fx_node), options,
+                    {}, set())  # fmt: skip
             if converter is None:
                 raise op.refuse("no infinite-width conversion is known for this operation.")
-            converter(op)
+            (early or converter)(op)
 
 
-def _convert(model: nn.Module, example: Tensor | None, options: Options) -> TorchGraph:
+def _convert(
+    model: nn.Module, example: Tensor | None, options: Options, input_layout: str | None
+) -> TorchGraph:
     wrapped = find_converter(model) is not None  # a registered module type as the model
     gm = _trace(nn.Sequential(model) if wrapped else model)
     _refuse_early(gm, options)
     shapes = _shapes(gm, example)
+    in_layout = from_torch_attention.input_layout(model, input_layout)
+    layouts: dict[fx.Node, tuple[int, ...]] = {}
     value_of: dict[fx.Node, int] = {}
     meta: set[fx.Node] = set()
     nodes: list[GraphNode] = []
@@ -408,6 +440,7 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
     sums: dict[int, fx.Node] = {}  # value -> the fx add node of a FanInSum
     called: dict[str, str] = {}
     output: int | None = None
+    out_layout: tuple[int, ...] | None = None
     for fx_node in gm.graph.nodes:
         where = _where(fx_node)
         if fx_node.op == "placeholder":
@@ -417,6 +450,8 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
                     f"({fx_node.name!r} is the second); only models of one tensor are converted."
                 )
             value_of[fx_node] = 0
+            if in_layout is not None:
+                layouts[fx_node] = in_layout
             continue
         if fx_node.op == "get_attr":
             raise FromTorchError(
@@ -432,6 +467,7 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
                     f"computed from its input, got {out!r}."
                 )
             output = value_of[out]
+            out_layout = layouts.get(out)
             continue
         target, label, module_name = _label(fx_node, gm)
         if wrapped and module_name is not None:  # the user's model is submodule "0"
@@ -447,6 +483,7 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
             options,
             shapes,
             meta,
+            layouts,
         )
         if module_name is not None and any(True for _ in target.parameters()):
             if module_name in called:
@@ -462,13 +499,21 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
         if res is META:
             meta.add(fx_node)
             continue
-        if res is ALIAS:
-            src = next((a for a in fx_node.args if op.is_tensor(a)), None)
+        if res is ALIAS or isinstance(res, Relayout):
+            src = res.src if isinstance(res, Relayout) else None
+            src = src or next((a for a in fx_node.args if op.is_tensor(a)), None)
             if src is None or src not in value_of:
                 raise op.refuse("its input is not an activation of the model.")
             value_of[fx_node] = value_of[src]
+            lay = res.layout if isinstance(res, Relayout) else layouts.get(src)
+            if lay is not None:
+                layouts[fx_node] = lay
             continue
         assert isinstance(res, Conversion)
+        if not res.layout_aware:
+            res.out_layout = from_torch_attention.common_layout(op, res)
+        if res.out_layout is not None:
+            layouts[fx_node] = res.out_layout
         pres = res.pre or (None,) * len(res.inputs)
         ins: list[int] = []
         for inp, pre in zip(res.inputs, pres):
@@ -490,14 +535,16 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
                 else:
                     flat.append(v)
             ins = flat
-        if isinstance(layer, (ew_base.ElementwiseLayer, comb.FanInProd)) and any(
+        nonlinear = getattr(layer, "nonlinear_input", False)
+        if (isinstance(layer, (ew_base.ElementwiseLayer, comb.FanInProd)) or nonlinear) and any(
             v > 0 and _ends_in_gain(nodes[v - 1].layer) for v in ins
         ):
             layer = NoNTK(
                 layer,
                 (
                     f"from_torch: {label}{' at ' + where if where else ''} is a nonlinearity "
-                    "applied to the output of nn.LayerNorm(elementwise_affine=True); its gain "
+                    "(or attention, nonlinear in its input through the logits) applied to the "
+                    "output of nn.LayerNorm(elementwise_affine=True); its gain "
                     "and bias make the NTK of that composition non-factorising (not modelled). "
                     "Ask for the NNGP only, or use elementwise_affine=False."
                 ),
@@ -508,11 +555,18 @@ def _convert(model: nn.Module, example: Tensor | None, options: Options) -> Torc
         if isinstance(layer, comb.FanInSum):
             sums[len(nodes)] = fx_node
     assert output is not None
-    return _compact(nodes, dead, output, example, type(model).__name__)
+    name = type(model).__name__
+    return _compact(nodes, dead, output, example, name, in_layout, out_layout)
 
 
 def _compact(
-    nodes: list[GraphNode], dead: set[int], output: int, example: Tensor | None, name: str
+    nodes: list[GraphNode],
+    dead: set[int],
+    output: int,
+    example: Tensor | None,
+    name: str,
+    in_layout: tuple[int, ...] | None = None,
+    out_layout: tuple[int, ...] | None = None,
 ) -> TorchGraph:
     new_id = {0: 0}
     kept: list[GraphNode] = []
@@ -521,8 +575,15 @@ def _compact(
             continue
         kept.append(dataclasses.replace(node, inputs=tuple(new_id[v] for v in node.inputs)))
         new_id[i + 1] = len(kept)
-    shape = None if example is None else tuple(example.shape[1:])
-    return TorchGraph(tuple(kept), new_id[output], shape, name)
+    shape = None
+    if example is not None:
+        cf = (
+            example.shape
+            if in_layout is None
+            else example.permute(tuple(in_layout.index(i) for i in range(3))).shape
+        )
+        shape = tuple(cf[1:])
+    return TorchGraph(tuple(kept), new_id[output], shape, name, in_layout, out_layout)
 
 
 # ------------------------------------------------------------------ public API
@@ -535,6 +596,7 @@ def from_torch(
     W_std: float | Mapping[str, float] | None = None,  # noqa: N803 - Neural Tangents' name
     b_std: float | Mapping[str, float] | None = None,
     deg: int = 24,
+    input_layout: str | None = None,
 ) -> TorchGraph:
     r"""The infinite-width NNGP/NTK of a PyTorch model, as an infnets layer.
 
@@ -581,6 +643,9 @@ def from_torch(
             without a bias keep none.
         deg: Gauss-Hermite nodes per dimension for activations without a closed form
             (kinked ones use at least 96).
+        input_layout: ``'NLC'``/``'LNC'`` for models whose input is a PyTorch sequence
+            (``None``: channels-first, or a bare attention module's own order). Attention:
+            :mod:`infnets._src.convert.from_torch_attention` (the many-heads limit).
 
     Returns:
         A :class:`TorchGraph` layer: ``init_fn``, ``apply_fn``, ``kernel_fn``,
@@ -625,7 +690,7 @@ def from_torch(
         example_input = _inputs.as_tensor(example_input, "example_input")
     options = Options(parameterization, stds, W_std, b_std, deg)
     private = copy.deepcopy(model)  # tracing and shape propagation never touch the model
-    return _convert(private, example_input, options)
+    return _convert(private, example_input, options, input_layout)
 
 
 def params_from(layer: TorchGraph, model: nn.Module) -> dict[str, Params]:
@@ -706,6 +771,9 @@ def reinit_fns(model: nn.Module) -> tuple[Callable[..., Any], Callable[[Any, Ten
                 reset = getattr(m, "reset_parameters", None)
                 if callable(reset):
                     reset()
+            for m in base.modules():  # after its out_proj's reset_parameters (zero bias)
+                if isinstance(m, nn.MultiheadAttention):
+                    m._reset_parameters()
         params = {n: p.detach().clone() for n, p in base.named_parameters()}
         if dtype is not None or device is not None:
             params = {n: p.to(dtype=dtype or p.dtype, device=device) for n, p in params.items()}

@@ -39,6 +39,7 @@ __all__ = [
     "NotYetSupportedError",
     "Op",
     "Options",
+    "Relayout",
     "find_converter",
     "first_input",
     "register_converter",
@@ -110,6 +111,7 @@ class Op:
     options: Options
     shapes: dict[fx.Node, tuple[int, ...]]
     meta_nodes: set[fx.Node]
+    layouts: dict[fx.Node, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def refuse(self, reason: str, cls: type[FromTorchError] = FromTorchError) -> FromTorchError:
         """The error to raise for this call: operation, source line, reason, fallback."""
@@ -121,6 +123,12 @@ class Op:
         if len(self.args) > i:
             return self.args[i]
         return self.kwargs.get(name, default)
+
+    def layout(self, a: Any) -> tuple[int, ...] | None:
+        """How the model holds node ``a``: ``None`` in infnets' ``(N, C, *spatial)`` order,
+        else the permutation ``p`` with ``torch_tensor = infnets_tensor.permute(p)``
+        (e.g. ``(0, 2, 1)`` for a ``batch_first`` sequence ``(N, L, C)``)."""
+        return self.layouts.get(a) if isinstance(a, fx.Node) else None
 
     def is_tensor(self, a: Any) -> bool:
         """Whether ``a`` is a tensor-valued node of the graph."""
@@ -163,12 +171,31 @@ class Conversion:
         pre: per input, a layer applied first (e.g. ``Scale(-1)`` for ``a - b``), or ``None``.
         reader: ``reader(module) -> params`` reading the parameters of ``op.module_name`` in
             ``layer``'s layout (``None`` for layers without parameters).
+        out_layout: the model's axis order of the output (see :meth:`Op.layout`).
+        layout_aware: the converter handled its inputs' layouts itself; otherwise inputs
+            held in a permuted order are accepted only by position-wise layers (activations,
+            sums, scalings), whose output keeps that order.
     """
 
     layer: Layer
     inputs: tuple[fx.Node, ...]
     pre: tuple[Layer | None, ...] | None = None
     reader: Callable[[nn.Module], Any] | None = None
+    out_layout: tuple[int, ...] | None = None
+    layout_aware: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Relayout:
+    """A converter's answer for a permutation of axes: node ``src`` held in another order.
+
+    The value is ``src``'s (no layer); ``layout`` is the new permutation from infnets'
+    channels-first order to the model's (``None``: channels-first again), see
+    :meth:`Op.layout`.
+    """
+
+    src: fx.Node
+    layout: tuple[int, ...] | None
 
 
 Converter = Callable[[Op], Any]
