@@ -73,7 +73,10 @@ TEMPORARIES = 5.0
 BUDGET_FRACTION = 0.5
 #: show the progress bar (progress=None) only when a run takes longer than this
 PROGRESS_DELAY_S = 5.0
-#: inputs with at most this many channels use elementwise products (exact layouts agree)
+#: per-position covariances of inputs with at most this many channels use elementwise
+#: products; full pixel-pair covariances always use batched matrix products (an order of
+#: magnitude faster for P^2 pairs of positions; identical examples still get their own
+#: variances bit for bit, the same product computing both)
 SMALL_CHANNELS = 8
 #: on CPUs, spatial kernels are computed in tiles of about this many covariance entries
 #: per example pair block (~4 MiB in float64), so that every pass over them stays in cache
@@ -121,7 +124,7 @@ def spatial_input_kernel(
     xb = x1 if x2 is None else x2
     n2 = xb.shape[0]
     index = pack_index(n1, x1.device) if symmetric and n1 >= PACK_MIN_EXAMPLES else None
-    if c <= SMALL_CHANNELS:
+    if c <= SMALL_CHANNELS and not full:
         nngp, cov1, cov2 = _products(x1, xb, index, symmetric, full)
     else:
         nngp, cov1, cov2 = _matmuls(x1, xb, index, symmetric, full)
