@@ -35,6 +35,7 @@ __all__ = [
     "PACK_MIN_EXAMPLES",
     "Affine",
     "FusedStep",
+    "KernelFn",
     "KernelTree",
     "KernelLayer",
     "PairMap",
@@ -99,6 +100,26 @@ class PairMap:
 
 
 FusedStep: TypeAlias = Affine | PairMap
+
+
+class KernelFn(Protocol):
+    """A layer's ``kernel_fn(x1, x2=None, get=None, **options)``.
+
+    ``x1``/``x2`` are input batches (``x2=None`` for ``x2 = x1``) or a :class:`Kernel`
+    record (then alone); ``get`` names what to return: ``None`` for the :class:`Kernel`
+    record, one name (``'nngp'``, ``'ntk'``, ...) for that tensor, a sequence of names for
+    a named tuple of them. ``options`` are keyword-only evaluation settings
+    (``diagonal_spatial``, ``memory_budget``, ``batch_size``, ``progress``, masks and
+    side inputs; see :func:`infnets._src.evaluate.tiling.kernel_fn`).
+    """
+
+    def __call__(
+        self,
+        x1: Any,
+        x2: Any = None,
+        get: str | Sequence[str] | None = None,
+        **options: Any,
+    ) -> Any: ...
 
 
 class KernelLayer(Protocol):
