@@ -45,6 +45,7 @@ __all__ = [
     "ShapeTree",
     "input_kernel",
     "leaves",
+    "single_shape",
 ]
 
 #: a finite-width shape, batch axis first (``-1`` marks an unknown batch size)
@@ -142,6 +143,17 @@ class KernelLayer(Protocol):
     def sublayers(self) -> Sequence[KernelLayer]: ...
 
     def extra_records(self) -> int: ...
+
+
+def single_shape(in_shape: ShapeTree, who: object) -> Shape:
+    """``in_shape`` as the one shape of a single-input layer ``who``.
+
+    Raises:
+        ValueError: ``in_shape`` is a list of branch shapes.
+    """
+    if isinstance(in_shape, list):
+        raise ValueError(f"{who!r} received {len(in_shape)} branches; join them first.")
+    return in_shape
 
 
 def leaves(layer: KernelLayer) -> list[KernelLayer]:
