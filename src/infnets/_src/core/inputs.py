@@ -139,7 +139,7 @@ def check_std(
     return float(value)
 
 
-def check_int(value: int, name: str, low: int, high: int | None = None) -> int:
+def check_int(value: int | np.integer[Any], name: str, low: int, high: int | None = None) -> int:
     """Check an integer hyper-parameter lies in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
