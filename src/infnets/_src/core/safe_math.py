@@ -34,7 +34,7 @@ def scalar_like(value: float, like: Tensor) -> Tensor:
     return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
-def needs_grad(*ts: Tensor) -> bool:
+def needs_grad(*ts: Tensor | None) -> bool:
     """True when autograd is on and any tensor requires a gradient."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
 
