@@ -669,6 +669,7 @@ def _tiled(
         full = k.is_full_spatial
         nngp[a0:a1, b0:b1] = k.nngp  # type: ignore[index]
         if ntk is not None:
+            assert k.ntk is not None  # allocated only when every tile tracks the NTK
             ntk[a0:a1, b0:b1] = k.ntk
         if symmetric:
             if i == j:
@@ -681,6 +682,7 @@ def _tiled(
             if j == 0:
                 cov1[a0:a1] = k.cov1  # type: ignore[index]
             if i == 0:
+                assert k.cov2 is not None  # tiles of two batches carry both variances
                 cov2[b0:b1] = k.cov2  # type: ignore[index]
 
     bar = tqdm(
