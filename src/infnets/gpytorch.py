@@ -314,5 +314,5 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
                 for lo in range(0, a.shape[0], 128)
             ]
             return torch.cat(parts)
-        b = None if same else lh.reshape_inputs(x2, self.input_shape, "InfiniteWidthKernel")
-        return lh.kernel_matrix(layer, a, b, self.get)
+        b2 = None if same else lh.reshape_inputs(x2, self.input_shape, "InfiniteWidthKernel")
+        return lh.kernel_matrix(layer, a, b2, self.get)

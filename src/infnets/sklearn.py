@@ -231,7 +231,8 @@ class InfiniteWidthKernel(Kernel):
             raise ValueError("Gradient can only be evaluated when Y is None.")
         has_b = self.b_std is not None
         values = torch.tensor(
-            [float(self.W_std), float(self.b_std) if has_b else 1.0], dtype=torch.float64
+            [float(self.W_std), float(self.b_std) if self.b_std is not None else 1.0],
+            dtype=torch.float64,
         )
 
         def fn(p: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ those of Hron et al. 2020 (arXiv 2006.10540), listed in :mod:`infnets._src.atten
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -99,6 +99,10 @@ def attention_kernel(layer: Any, k: Kernel) -> Kernel:
     if layer.pos_emb_type != "NONE":
         r = pos_emb_covariance(spatial, layer.pos_emb_p_norm, layer.pos_emb_decay_fn, dt, dev)
 
+    @overload
+    def interp(t: Tensor, keep_outer: Tensor | None) -> Tensor: ...
+    @overload
+    def interp(t: Tensor | None, keep_outer: Tensor | None) -> Tensor | None: ...
     def interp(t: Tensor | None, keep_outer: Tensor | None) -> Tensor | None:
         """``w_x t + w_e R`` with ``R`` masked; ``t=None`` reads as a zero NTK."""
         if r is None:
@@ -118,7 +122,8 @@ def attention_kernel(layer: Any, k: Kernel) -> Kernel:
     v_own1 = kk_own1 if vpe else cov1
     v_own2 = None if cov2 is None else (kk_own2 if vpe else cov2)
     need_ntk = k.ntk is not None
-    th_k = th_v = None
+    th_k: Tensor | None = None
+    th_v: Tensor | None = None
     if need_ntk:
         th_k = interp(ntk, pair_keep)
         th_v = th_k if vpe else ntk
@@ -135,11 +140,11 @@ def attention_kernel(layer: Any, k: Kernel) -> Kernel:
     if layer.linear_scaling:
         a1 = mechanism_fn(mech, kk_own1 * s_qk, None if keep1 is None else keep1.unsqueeze(1))
         a2 = a1
-        if cov2 is not None:
+        if kk_own2 is not None:  # None exactly when cov2 is
             a2 = mechanism_fn(mech, kk_own2 * s_qk, None if keep2 is None else keep2.unsqueeze(1))
         new_ntk = None
-        if need_ntk and th_v is not v_pair:
-            new_nngp, new_ntk = _sandwich_pair(pairs, a1, a2, v_pair, th_v, s_ov2)  # type: ignore[arg-type]
+        if th_v is not None and th_v is not v_pair:  # th_v is None exactly without the NTK
+            new_nngp, new_ntk = _sandwich_pair(pairs, a1, a2, v_pair, th_v, s_ov2)
         else:
             right = torch.matmul(v_pair, pairs.second(a2).transpose(-1, -2))
             new_nngp = _scale(torch.matmul(pairs.first(a1), right), s_ov2)
@@ -147,7 +152,7 @@ def attention_kernel(layer: Any, k: Kernel) -> Kernel:
             if need_ntk:  # Theta_v = V (Conv on raw inputs): Theta' = 3 A V A^T
                 new_ntk = new_nngp * 3.0
         new_cov1 = _scale(a1 @ v_own1 @ a1.transpose(-1, -2), s_ov2)
-        new_cov2 = None if cov2 is None else _scale(a2 @ v_own2 @ a2.transpose(-1, -2), s_ov2)
+        new_cov2 = None if v_own2 is None else _scale(a2 @ v_own2 @ a2.transpose(-1, -2), s_ov2)
     elif mech == "IDENTITY":
         s2 = s_qk * s_qk * s_ov2
 
@@ -157,12 +162,12 @@ def attention_kernel(layer: Any, k: Kernel) -> Kernel:
         dot12 = dot(kk_pair, v_pair, pair_keep)
         new_nngp = kk_pair * dot12 * s2
         new_ntk = None
-        if need_ntk:
-            ntk_dot = dot(kk_pair, th_v, pair_keep) + dot(th_k, v_pair, pair_keep)  # type: ignore[arg-type]
+        if th_k is not None and th_v is not None:  # both set exactly with the NTK
+            ntk_dot = dot(kk_pair, th_v, pair_keep) + dot(th_k, v_pair, pair_keep)
             new_ntk = (kk_pair * ntk_dot + dot12 * (th_k + 4 * kk_pair)) * s2
         new_cov1 = kk_own1 * dot(kk_own1, v_own1, own_keep1) * s2
         new_cov2 = None
-        if cov2 is not None:
+        if kk_own2 is not None and v_own2 is not None:  # None exactly when cov2 is
             new_cov2 = kk_own2 * dot(kk_own2, v_own2, own_keep2) * s2
     else:
         new_nngp, new_ntk, new_cov1, new_cov2 = _qmc(
@@ -235,6 +240,10 @@ def _qmc(
     kk_own2_ = kk_own1 if kk_own2 is None else kk_own2
     keep2_ = keep1 if keep2 is None else keep2
 
+    @overload
+    def flat(t: Tensor) -> Tensor: ...
+    @overload
+    def flat(t: Tensor | None) -> Tensor | None: ...
     def flat(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.expand(kk_pair.shape).reshape(-1, p, p)
 
@@ -249,10 +258,10 @@ def _qmc(
     e_n, e_t = logit_expectations(
         mech,
         s_qk,
-        flat(kk_pair),  # type: ignore[arg-type]
-        flat(pairs.first(kk_own1)),  # type: ignore[arg-type]
-        flat(pairs.second(kk_own2_)),  # type: ignore[arg-type]
-        flat(v_pair),  # type: ignore[arg-type]
+        flat(kk_pair),
+        flat(pairs.first(kk_own1)),
+        flat(pairs.second(kk_own2_)),
+        flat(v_pair),
         flat_keep(keep1, True),
         flat_keep(keep2_, False),
         flat(th_v),
@@ -268,7 +277,7 @@ def _qmc(
         return (c + c.transpose(-1, -2)) * (0.5 * s_ov2)
 
     new_cov1 = own(kk_own1, v_own1, keep1)
-    new_cov2 = None if kk_own2 is None else own(kk_own2, v_own2, keep2)  # type: ignore[arg-type]
+    new_cov2 = None if kk_own2 is None or v_own2 is None else own(kk_own2, v_own2, keep2)
     new_nngp = e_n * s_ov2
     new_ntk = None if e_t is None else (e_t * s_ov2 + 2 * new_nngp)
     if pairs.symmetric:  # estimates of (x, p; y, q) and (y, q; x, p) differ: average them

@@ -55,6 +55,7 @@ from torch import Tensor
 from infnets._src.attention.maps import mechanism_fn, pos_emb_covariance, sqrt_psd
 from infnets._src.core import inputs as _inputs
 from infnets._src.core import masking
+from infnets._src.core.protocol import ShapeTree
 from infnets._src.layers.base import Layer, Params
 
 __all__ = ["GlobalSelfAttention", "MECHANISMS", "POS_EMB_TYPES", "pos_emb_covariance"]
@@ -258,7 +259,9 @@ class GlobalSelfAttention(Layer):
         return 1.0, s2
 
     # ----------------------------------------------------------------- finite
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         shape = self._check_shape(in_shape, "input shape")
         c = shape[1]
         if any(s <= 0 for s in shape[1:]):

@@ -135,6 +135,7 @@ def logit_expectations(
         )
         out_n[sl] = n_chunk
         if out_t is not None:
+            assert t_chunk is not None  # both exist exactly when theta_v does
             out_t[sl] = t_chunk
     return out_n, out_t
 

@@ -32,7 +32,7 @@ import os
 import re
 import traceback
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -55,6 +55,7 @@ from infnets._src.convert.from_torch_registry import (
     find_converter,
 )
 from infnets._src.core import inputs as _inputs
+from infnets._src.core.protocol import ShapeTree, single_shape
 from infnets._src.elementwise import base as ew_base
 from infnets._src.empirical.model import call_with, tensor_slots
 from infnets._src.layers import combinators as comb
@@ -195,10 +196,12 @@ class TorchGraph(Layer):
         return super()._kernel_fn(x1, x2, get, **options)
 
     # ------------------------------------------------------------- finite
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         in_shape = self._cf_shape(in_shape)
         self._check_shape(in_shape, "an input shape")
-        shapes: list[Any] = [tuple(in_shape)]
+        shapes: list[Any] = [tuple(single_shape(in_shape, self))]
         params: dict[str, Params] = {}
         for node in self.nodes:
             shape, p = node.layer.init(gen, self._arg(shapes, node), dtype, device)
@@ -365,7 +368,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 
 def _label(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, str, str | None]:
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
+        m = gm.get_submodule(cast(str, node.target))  # call_module nodes name their module
         kind = type(m)
         prefix = "nn." if kind.__module__.startswith("torch.nn") else ""
         return m, f"{prefix}{kind.__name__} {node.target!r}", str(node.target)
@@ -404,7 +407,9 @@ def _ends_in_gain(layer: Layer) -> bool:
     if isinstance(layer, ChannelAffine) or getattr(layer, "ends_in_gain", False):
         return True
     kids = getattr(layer, "layers", None)
-    return bool(kids) and _ends_in_gain(kids[-1])
+    if not kids:
+        return False
+    return _ends_in_gain(kids[-1])
 
 
 def _refuse_early(gm: fx.GraphModule, options: Options) -> None:

@@ -52,7 +52,7 @@ import dataclasses
 import math
 import operator
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,7 @@ from infnets._src.convert.from_torch_registry import (
     first_input,
     register_converter,
 )
+from infnets._src.core.protocol import ShapeTree, single_shape
 from infnets._src.elementwise import base as ew_base
 from infnets._src.elementwise import rectified as ew_rect
 from infnets._src.elementwise import smooth as ew_smooth
@@ -241,7 +242,10 @@ class TorchAttention(Layer):
         n = math.sqrt(self.embed_dim)
         return [s / n for s in self.stds], list(self.b_stds or (0.0,) * 4)
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
+        in_shape = single_shape(in_shape, self)
         e = self.embed_dim
         if len(in_shape) != 3 or in_shape[1] != e:
             raise ValueError(f"{self!r} takes (N, {e}, L) activations, got {tuple(in_shape)}.")
@@ -435,7 +439,9 @@ class TorchEncoderLayer(Layer):
             return comb.serial(*res(comb.serial(ln(), self.attn)), *res(comb.serial(ln(), ff)))
         return comb.serial(*res(self.attn), ln(), *res(ff), ln())
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         _, attn = self.attn.init(gen, in_shape, dtype, device)
         e, f, std = self.attn.embed_dim, self.ff_width, self.attn.parameterization == "standard"
         w1, b1, w2, b2 = self.ff_stds
@@ -451,7 +457,7 @@ class TorchEncoderLayer(Layer):
             params[name] = {"g": torch.ones(e, dtype=dtype, device=device)}
             if self.norm_bias:
                 params[name]["h"] = torch.zeros(e, dtype=dtype, device=device)
-        return tuple(in_shape), params
+        return tuple(single_shape(in_shape, self)), params
 
     def apply(self, params: Params, x: Any) -> Any:
         e, std = self.attn.embed_dim, self.attn.parameterization == "standard"
@@ -463,7 +469,7 @@ class TorchEncoderLayer(Layer):
 
         def lin(p: dict[str, Tensor], t: Tensor, w: float, b: float | None, n: int) -> Tensor:
             wm = p["W"] * (1.0 if std else w / math.sqrt(n))
-            bm = None if "b" not in p else p["b"] * (1.0 if std else b)
+            bm = None if "b" not in p else p["b"] * (1.0 if std or b is None else b)
             return F.linear(t.transpose(1, 2), wm, bm).transpose(1, 2)
 
         def ff(t: Tensor) -> Tensor:
@@ -648,9 +654,9 @@ def _layer_norm(op: Op) -> Any:
     layer = comb.serial(LayerNorm(axis=1, eps=float(m.eps)), ChannelAffine(1, has_bias))
 
     def read(mod: nn.Module) -> Any:
-        p = {"g": mod.weight.detach().clone()}
+        p = {"g": cast(Tensor, mod.weight).detach().clone()}
         if has_bias:
-            p["h"] = mod.bias.detach().clone()
+            p["h"] = cast(Tensor, mod.bias).detach().clone()
         return ((), p)
 
     return Conversion(layer, (x,), reader=read, out_layout=lay, layout_aware=True)

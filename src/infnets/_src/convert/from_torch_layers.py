@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from infnets._src.core.kernel import alloc_like, is_zero_ntk, zero_ntk
+from infnets._src.core.protocol import ShapeTree, single_shape
 from infnets._src.layers.base import Layer, Params
 
 __all__ = ["Scale", "Pad", "ChannelAffine", "NoNTK", "PAD_MODES"]
@@ -110,10 +111,13 @@ class Pad(Layer):
                 f"{self!r} pads {len(self.pads)} spatial axes but received shape {tuple(shape)}."
             )
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         self._check(in_shape)
-        spatial = tuple(n + lo + hi for n, (lo, hi) in zip(in_shape[2:], self.pads))
-        return tuple(in_shape[:2]) + spatial, ()
+        shape = single_shape(in_shape, self)
+        spatial = tuple(n + lo + hi for n, (lo, hi) in zip(shape[2:], self.pads))
+        return tuple(shape[:2]) + spatial, ()
 
     def apply(self, params: Params, x: Any) -> Any:
         self._check(x.shape)
@@ -139,6 +143,10 @@ class Pad(Layer):
         full = k.is_full_spatial
         spatial = k.spatial_shape
 
+        @overload
+        def pad(t: Tensor, lead: int) -> Tensor: ...
+        @overload
+        def pad(t: Tensor | None, lead: int) -> Tensor | None: ...
         def pad(t: Tensor | None, lead: int) -> Tensor | None:
             if t is None:
                 return None
@@ -194,9 +202,10 @@ class ChannelAffine(Layer):
     axis: int = -1
     bias: bool = True
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
-        _single(self, in_shape)
-        n = in_shape[self.axis]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
+        n = single_shape(in_shape, self)[self.axis]
         params = {"g": torch.ones(n, dtype=dtype, device=device)}
         if self.bias:
             params["h"] = torch.zeros(n, dtype=dtype, device=device)
@@ -229,7 +238,9 @@ class NoNTK(Layer):
     def __repr__(self) -> str:
         return repr(self.layer)
 
-    def init(self, gen, in_shape, dtype, device):  # type: ignore[no-untyped-def]
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
         return self.layer.init(gen, in_shape, dtype, device)
 
     def apply(self, params: Params, x: Any) -> Any:

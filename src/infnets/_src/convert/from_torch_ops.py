@@ -16,11 +16,12 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.nn.modules.conv import _ConvNd
 
 from infnets._src.convert.from_torch_layers import PAD_MODES, ChannelAffine, Pad, Scale
 from infnets._src.convert.from_torch_registry import (
@@ -61,13 +62,20 @@ def _std(op: Op, name: str, value: float) -> float:
     return value if given is None else float(given)
 
 
+def _tensor(m: nn.Module, name: str) -> Tensor:
+    """The parameter ``name`` of ``m`` (``nn.Module`` attributes type as ``Tensor | Module``)."""
+    return cast(Tensor, getattr(m, name))
+
+
 def _affine_stds(op: Op, m: nn.Module, fan_in: int) -> tuple[float, float | None]:
     """``(W_std, b_std)`` of a ``Linear``/``Conv`` (see the module docstring)."""
     has_bias = getattr(m, "bias", None) is not None
     if op.options.stds == "weights":
-        w = m.weight.detach()
+        w = _tensor(m, "weight").detach()
         w_std = math.sqrt(fan_in * float(w.double().pow(2).mean()))
-        b_std = math.sqrt(float(m.bias.detach().double().pow(2).mean())) if has_bias else None
+        b_std = None
+        if has_bias:
+            b_std = math.sqrt(float(_tensor(m, "bias").detach().double().pow(2).mean()))
     else:
         w_std = 1.0 / math.sqrt(3.0)
         b_std = 1.0 / math.sqrt(3.0 * fan_in) if has_bias else None
@@ -85,13 +93,14 @@ def _reader(parameterization: str, w_std: float, b_std: float | None, fan_in: in
     """
 
     def read(m: nn.Module) -> dict[str, Tensor]:
-        w = m.weight.detach().clone()
+        w = _tensor(m, "weight").detach().clone()
         out = {"W": w}
         if b_std is not None:
-            out["b"] = m.bias.detach().clone()
+            out["b"] = _tensor(m, "bias").detach().clone()
         if parameterization == "ntk":
             for name, std in (("W", w_std / math.sqrt(fan_in)), ("b", b_std)):
                 if name in out:
+                    assert std is not None  # "b" is read only with a b_std
                     if std == 0:
                         raise FromTorchError(
                             f"params_from: {name}_std = 0 in the NTK parameterization cannot "
@@ -120,7 +129,7 @@ def _linear(op: Op) -> Conversion:
     return Conversion(layer, (first_input(op),), reader=_reader(par, w_std, b_std, m.in_features))
 
 
-def _conv_padding(op: Op, m: nn.Module, spatial: tuple[int, ...] | None) -> tuple[str, Any]:
+def _conv_padding(op: Op, m: _ConvNd, spatial: tuple[int, ...] | None) -> tuple[str, Any]:
     """``(conv padding, Pad layer or None)`` for an ``nn.Conv*d``."""
     nd = len(m.kernel_size)
     mode = m.padding_mode
@@ -132,7 +141,8 @@ def _conv_padding(op: Op, m: nn.Module, spatial: tuple[int, ...] | None) -> tupl
             return "SAME", None
         pads = tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in m.kernel_size)
         return "VALID", Pad(pads, mode)
-    pads = tuple((p, p) for p in m.padding)
+    padding = cast(tuple[int, ...], m.padding)  # torch's only strings returned above
+    pads = tuple((p, p) for p in padding)
     if spatial is not None and mode in ("zeros", "circular"):
         same = [
             axis_geometry(n, k, s, "SAME", "Conv", a)
@@ -140,9 +150,9 @@ def _conv_padding(op: Op, m: nn.Module, spatial: tuple[int, ...] | None) -> tupl
         ]
         torch_out = [
             (n + 2 * p - k) // s + 1
-            for n, p, k, s in zip(spatial, m.padding, m.kernel_size, m.stride)
+            for n, p, k, s in zip(spatial, padding, m.kernel_size, m.stride)
         ]
-        if all(g.lo == p and g.out == o for g, p, o in zip(same, m.padding, torch_out)):
+        if all(g.lo == p and g.out == o for g, p, o in zip(same, padding, torch_out)):
             return ("SAME" if mode == "zeros" else "CIRCULAR"), None
     assert len(pads) == nd
     return "VALID", Pad(pads, mode)
@@ -358,9 +368,9 @@ def _layer_norm(op: Op) -> Conversion:
     affine = ChannelAffine(-1, has_bias)
 
     def read(mod: nn.Module) -> dict[str, Tensor]:
-        out = {"g": mod.weight.detach().clone()}
+        out = {"g": _tensor(mod, "weight").detach().clone()}
         if has_bias:
-            out["h"] = mod.bias.detach().clone()
+            out["h"] = _tensor(mod, "bias").detach().clone()
         return out
 
     layer = comb.serial(norm, affine)
@@ -561,7 +571,7 @@ def _is_batch_size(a: Any, x: fx.Node) -> bool:
     if not isinstance(a, fx.Node):
         return False
     if a.op == "call_method" and a.target == "size" and a.args[0] is x:
-        return (a.args[1:] or (a.kwargs.get("dim"),))[0] == 0
+        return bool((a.args[1:] or (a.kwargs.get("dim"),))[0] == 0)
     if a.op == "call_function" and a.target is operator.getitem and a.args[1] == 0:
         src = a.args[0]
         return isinstance(src, fx.Node) and (
@@ -711,6 +721,7 @@ _ATTENTION = (
     "(register_converter) adds them."
 )
 
+_key: Any  # the loops below register refusals for module types, functions and names
 for _key in (
     nn.MaxPool1d,
     nn.MaxPool2d,

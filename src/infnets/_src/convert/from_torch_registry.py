@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 from torch import fx, nn
 
@@ -130,7 +130,7 @@ class Op:
         (e.g. ``(0, 2, 1)`` for a ``batch_first`` sequence ``(N, L, C)``)."""
         return self.layouts.get(a) if isinstance(a, fx.Node) else None
 
-    def is_tensor(self, a: Any) -> bool:
+    def is_tensor(self, a: Any) -> TypeGuard[fx.Node]:
         """Whether ``a`` is a tensor-valued node of the graph."""
         return isinstance(a, fx.Node) and a not in self.meta_nodes
 
@@ -180,7 +180,7 @@ class Conversion:
     layer: Layer
     inputs: tuple[fx.Node, ...]
     pre: tuple[Layer | None, ...] | None = None
-    reader: Callable[[nn.Module], Any] | None = None
+    reader: Callable[[Any], Any] | None = None
     out_layout: tuple[int, ...] | None = None
     layout_aware: bool = False
 
@@ -245,8 +245,9 @@ def find_converter(target: Any) -> Converter | None:
     """
     if isinstance(target, nn.Module):  # a subclass with its own forward is traced through
         for cls in type(target).__mro__:
-            if cls in CONVERTERS:
-                return CONVERTERS[cls] if type(target).forward is cls.forward else None
+            if cls in CONVERTERS:  # a registered module class (a base of ``target``'s)
+                base = cast(type[nn.Module], cls)
+                return CONVERTERS[cls] if type(target).forward is base.forward else None
         return None
     try:
         return CONVERTERS.get(target)

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,13 +125,18 @@ def parse_get(get: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 @functools.cache
-def kernel_tuple_type(names: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def kernel_tuple_type(names: tuple[str, ...]) -> Callable[..., tuple[Any, ...]]:
     """Named tuple type ``Kernels(name0, name1, ...)`` for a tuple ``get``."""
-    return collections.namedtuple("Kernels", names)  # type: ignore[misc]
+    return collections.namedtuple("Kernels", names)
 
 
-def check_std(value: float | None, name: str, allow_none: bool = False) -> float | None:
-    """Check a standard deviation hyper-parameter is a finite number >= 0."""
+def check_std(
+    value: float | Tensor | None, name: str, allow_none: bool = False
+) -> float | Tensor | None:
+    """Check a standard deviation hyper-parameter is a finite number >= 0.
+
+    A scalar tensor is returned as it is (kept as a tensor for autograd).
+    """
     if value is None:
         if allow_none:
             return None
@@ -142,7 +147,7 @@ def check_std(value: float | None, name: str, allow_none: bool = False) -> float
         v = float(value.detach())
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {v}.")
-        return value  # type: ignore[return-value]  # kept as a tensor for autograd
+        return value  # kept as a tensor for autograd
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}.")
     if not np.isfinite(value) or value < 0:
@@ -150,7 +155,7 @@ def check_std(value: float | None, name: str, allow_none: bool = False) -> float
     return float(value)
 
 
-def check_int(value: int, name: str, low: int, high: int | None = None) -> int:
+def check_int(value: int | np.integer[Any], name: str, low: int, high: int | None = None) -> int:
     """Check an integer hyper-parameter lies in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
@@ -355,4 +360,4 @@ def recheck_stds(layer: Any, names: Sequence[str], who: str) -> None:
     for name in names:
         value = getattr(layer, name)
         if isinstance(value, Tensor):
-            check_std(value, f"{who}: {name}")  # type: ignore[arg-type]  # tensors allowed
+            check_std(value, f"{who}: {name}")

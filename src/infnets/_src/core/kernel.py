@@ -47,7 +47,8 @@ torch ops preserve that memory order; :func:`alloc_like` allocates in it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,7 +103,7 @@ class Kernel:
     mask2: Tensor | None = None
 
     # ------------------------------------------------------------------ helpers
-    def replace(self, **changes: object) -> Kernel:
+    def replace(self, **changes: Any) -> Kernel:
         """A copy with ``changes`` applied (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
@@ -204,7 +205,11 @@ class Kernel:
             diagonal_spatial=True,
         )
 
-    def map_covariances(self, fn, ntk_fn=None) -> Kernel:  # type: ignore[no-untyped-def]
+    def map_covariances(
+        self,
+        fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+        ntk_fn: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
+    ) -> Kernel:
         """Apply an elementwise covariance map to every covariance in the record.
 
         Args:
@@ -240,7 +245,7 @@ class Kernel:
             pair_index=None,
         )
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Tensor | None]:
         """Iterate as ``(nngp, ntk)`` so ``nngp, ntk = kernel`` works."""
         return iter((self.nngp, self.ntk))
 
@@ -361,15 +366,19 @@ def alloc_like(like: Tensor, shape: Sequence[int]) -> Tensor:
 
 def memory_order(t: Tensor) -> tuple[list[int], list[int]]:
     """Axes of ``t`` from the largest stride to the smallest, and the inverse permutation."""
-    order = sorted(range(t.ndim), key=lambda i: (-t.stride(i), i))
+    strides = t.stride()
+    order = sorted(range(t.ndim), key=lambda i: (-strides[i], i))
     inverse = [0] * len(order)
     for pos, dim in enumerate(order):
         inverse[dim] = pos
     return order, inverse
 
 
-def select(kernel: Kernel, get: str | Sequence[str] | None):  # type: ignore[no-untyped-def]
-    """Return what ``get`` asks for from a finished (dense) kernel record."""
+def select(kernel: Kernel, get: str | Sequence[str] | None) -> Any:
+    """Return what ``get`` asks for from a finished (dense) kernel record.
+
+    The record itself for ``get=None``, one field for a name, a named tuple for a sequence.
+    """
     from infnets._src.core.inputs import GET_NAMES, kernel_tuple_type
 
     if get is None:

@@ -35,6 +35,7 @@ __all__ = [
     "PACK_MIN_EXAMPLES",
     "Affine",
     "FusedStep",
+    "KernelFn",
     "KernelTree",
     "KernelLayer",
     "PairMap",
@@ -44,6 +45,7 @@ __all__ = [
     "ShapeTree",
     "input_kernel",
     "leaves",
+    "single_shape",
 ]
 
 #: a finite-width shape, batch axis first (``-1`` marks an unknown batch size)
@@ -101,6 +103,26 @@ class PairMap:
 FusedStep: TypeAlias = Affine | PairMap
 
 
+class KernelFn(Protocol):
+    """A layer's ``kernel_fn(x1, x2=None, get=None, **options)``.
+
+    ``x1``/``x2`` are input batches (``x2=None`` for ``x2 = x1``) or a :class:`Kernel`
+    record (then alone); ``get`` names what to return: ``None`` for the :class:`Kernel`
+    record, one name (``'nngp'``, ``'ntk'``, ...) for that tensor, a sequence of names for
+    a named tuple of them. ``options`` are keyword-only evaluation settings
+    (``diagonal_spatial``, ``memory_budget``, ``batch_size``, ``progress``, masks and
+    side inputs; see :func:`infnets._src.evaluate.tiling.kernel_fn`).
+    """
+
+    def __call__(
+        self,
+        x1: Any,
+        x2: Any = None,
+        get: str | Sequence[str] | None = None,
+        **options: Any,
+    ) -> Any: ...
+
+
 class KernelLayer(Protocol):
     """What evaluation code may ask of a layer (implemented by :class:`infnets.stax.Layer`)."""
 
@@ -121,6 +143,17 @@ class KernelLayer(Protocol):
     def sublayers(self) -> Sequence[KernelLayer]: ...
 
     def extra_records(self) -> int: ...
+
+
+def single_shape(in_shape: ShapeTree, who: object) -> Shape:
+    """``in_shape`` as the one shape of a single-input layer ``who``.
+
+    Raises:
+        ValueError: ``in_shape`` is a list of branch shapes.
+    """
+    if isinstance(in_shape, list):
+        raise ValueError(f"{who!r} received {len(in_shape)} branches; join them first.")
+    return in_shape
 
 
 def leaves(layer: KernelLayer) -> list[KernelLayer]:

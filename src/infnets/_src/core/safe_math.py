@@ -34,7 +34,7 @@ def scalar_like(value: float, like: Tensor) -> Tensor:
     return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
-def needs_grad(*ts: Tensor) -> bool:
+def needs_grad(*ts: Tensor | None) -> bool:
     """True when autograd is on and any tensor requires a gradient."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
 
@@ -48,7 +48,7 @@ class _ArcSin(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor) -> Tensor:
         return torch.asin(x)
 
     @staticmethod
@@ -56,7 +56,7 @@ class _ArcSin(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return g * _inv_sqrt1m(x)
 
@@ -65,7 +65,7 @@ class _Sqrt1m(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor) -> Tensor:
         return torch.sqrt(torch.clamp(1 - x * x, min=0))
 
     @staticmethod
@@ -73,7 +73,7 @@ class _Sqrt1m(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return -g * x * _inv_sqrt1m(x)
 
@@ -84,7 +84,7 @@ class _ArccosJ1(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor) -> Tensor:
         return torch.sqrt(torch.clamp(1 - x * x, min=0)) + x * torch.asin(x)
 
     @staticmethod
@@ -92,7 +92,7 @@ class _ArccosJ1(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return g * arcsin(x)
 

@@ -44,10 +44,11 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import functional_call, vmap
 from torch.nn.utils import parametrize
 
-from infnets._src.empirical.model import Bound, _structured_kind, tensor_slots
+from infnets._src.empirical.functorch import jvp, vjp
+from infnets._src.empirical.model import Bound, _structured_kind, as_conv, tensor_slots
 
 #: Elementwise activations: their backward is a multiplication by ``phi'(z)`` (computed by
 #: forward-mode AD during the forward pass; a boolean mask for ``nn.ReLU``).
@@ -223,7 +224,8 @@ def chain_of(module: nn.Module | None, bound: Bound, layers: set[str]) -> list[S
             for k in list(own) + [k for k, _ in m.named_buffers(recurse=False)]
             if canonical.get(prefix + k) in values
         }
-        trainable = {canonical.get(prefix + k) for k in own} & set(bound.names)
+        trainable = {canonical[prefix + k] for k in own if prefix + k in canonical}
+        trainable &= set(bound.names)
         if name in layers and _structured_kind(m) is not None:
             covered |= trainable
             steps.append(Step("layer", name, m, local))
@@ -253,7 +255,7 @@ def _per_example_map(step: Step, h: Tensor) -> None:
 
 def _conv_input_grad(step: Step, g: Tensor, in_shape: tuple[int, ...]) -> Tensor:
     """``d/du <g, conv(u)>`` for ``g (B, C_out, *spatial)`` and inputs of ``in_shape``."""
-    m = step.module
+    m = as_conv(step.module)
     d = len(in_shape) - 2
     w = step.params["weight"]
     pads = list(m._reversed_padding_repeated_twice)

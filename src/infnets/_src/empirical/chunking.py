@@ -15,10 +15,11 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.func import vjp, vmap
+from torch.func import vmap
 
 from infnets._src.empirical.axes import OutputAxes, make_axes
 from infnets._src.empirical.chain import ChainSide, Factored, Step
+from infnets._src.empirical.functorch import vjp_with_aux
 from infnets._src.empirical.model import Bound, LayerTap, wrap_model_error
 from infnets._src.empirical.structured import (
     Features,
@@ -133,17 +134,17 @@ class CotangentChunks:
             for name, ls in layers.items()
         }
 
-        def single(dl: dict[str, Tensor], xn: Tensor):  # type: ignore[no-untyped-def]
+        def single(dl: dict[str, Tensor], xn: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             with tap.injecting(dl):
                 out = bound.call(bound.values, xn.unsqueeze(0))
                 seen = dict(tap.inputs)
             return out.squeeze(0), seen
 
-        def batch(dl: dict[str, Tensor]):  # type: ignore[no-untyped-def]
+        def batch(dl: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
             return vmap(single)(dl, x)
 
         try:
-            _, self._pullback, self.inputs = vjp(batch, deltas, has_aux=True)
+            _, self._pullback, self.inputs = vjp_with_aux(batch, deltas)
         except Exception as err:  # noqa: BLE001 - re-raised with context
             raise wrap_model_error(who, err) from err
 
@@ -222,6 +223,8 @@ def _chunk_pairs(
             yield f1, f1 if other is None else next(other)
         return
     assert stop is not None
+    # a chain on one side is a chain on the other: both sides run the same model
+    assert isinstance(s1, CotangentChunks) and isinstance(s2, CotangentChunks)
     f1 = s1.chunk(start, stop)
     yield f1, f1 if same else s2.chunk(start, stop)
 
@@ -244,7 +247,9 @@ class ChainCotangents:
         self.out_shape = probe_.out_shape
         self.out_size = math.prod(probe_.out_shape)
 
-    def _entry(self, name: str, g: Tensor | Factored, out_shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    def _entry(
+        self, name: str, g: Tensor | Factored, out_shape: tuple[int, ...]
+    ) -> tuple[LayerShape, Tensor, Tensor | Factored]:
         ls = self.layers[name]
         if isinstance(g, Factored):
             return ls, self.side.inputs(name), g

@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar, cast
 
 import torch
 import torch.utils._pytree as pytree
@@ -42,7 +42,10 @@ from torch.nn.utils import parametrize
 
 Params = Any  # a pytree of tensors, or a dict name -> tensor for modules
 
-_CONV_TYPES: dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+#: the module types of structured convolution layers
+ConvModule: TypeAlias = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+_CONV_TYPES: dict[type[ConvModule], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 #: held while any ``nn.Module`` is read, swapped (``functional_call``) or hooked (see the
 #: module docstring); re-entrant, so nested entry points (a kernel calling another) are fine
@@ -163,6 +166,21 @@ class LayerRule:
     @property
     def param_names(self) -> tuple[str, ...]:
         return tuple(n for n in (self.weight, self.bias) if n is not None)
+
+    @property
+    def linear(self) -> nn.Linear:
+        """The module as the ``nn.Linear`` it is when ``conv_dims == 0``."""
+        return cast(nn.Linear, self.module)
+
+    @property
+    def conv(self) -> ConvModule:
+        """The module as the ``nn.ConvNd`` it is when ``conv_dims > 0``."""
+        return as_conv(self.module)
+
+
+def as_conv(m: nn.Module) -> ConvModule:
+    """``m``, known to be a plain ``nn.ConvNd`` (:func:`_structured_kind`), typed as one."""
+    return cast(ConvModule, m)
 
 
 class Model:
@@ -380,7 +398,10 @@ def _structured_kind(m: nn.Module) -> int | None:
         return 0
     for base, dims in _CONV_TYPES.items():
         if isinstance(m, base):
-            plain = typ.forward is base.forward and typ._conv_forward is base._conv_forward
+            conv_type = type(m)
+            plain = (
+                conv_type.forward is base.forward and conv_type._conv_forward is base._conv_forward
+            )
             return dims if plain else None
     return None
 
@@ -400,7 +421,7 @@ class LayerTap:
         """Count calls and record per-call output shapes (plain forward pass)."""
         self.calls, self.out_shapes = {}, {}
 
-        def make(name: str):  # type: ignore[no-untyped-def]
+        def make(name: str) -> Callable[[nn.Module, Any, Tensor], None]:
             def hook(mod: nn.Module, args: Any, out: Tensor) -> None:
                 self.calls[name] = self.calls.get(name, 0) + 1
                 self.out_shapes[name] = (tuple(out.shape), out.dtype)
@@ -415,7 +436,7 @@ class LayerTap:
         """Record each layer's input and return ``output + deltas[name]``."""
         self.inputs, self.deltas = {}, deltas
 
-        def make(name: str):  # type: ignore[no-untyped-def]
+        def make(name: str) -> Callable[[nn.Module, Any, Tensor], Tensor | None]:
             def hook(mod: nn.Module, args: Any, out: Tensor) -> Tensor | None:
                 if name not in deltas:
                     return None

@@ -240,7 +240,9 @@ class EmpiricalNTK(EmpiricalKernelFn):
             self._probes[key] = found
         return self._probes[key]
 
-    def _setup(self, x1: Any, x2: Any, params: Any):  # type: ignore[no-untyped-def]
+    def _setup(
+        self, x1: Any, x2: Any, params: Any
+    ) -> tuple[Tensor, Tensor | None, Bound, Probe, Probe, OutputAxes]:
         x1, x2 = check_inputs(x1, x2, self.who)
         self.model.check_mode()
         self.model.check_transformable()

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import vmap
 
 from infnets._src.empirical.axes import OutputAxes
+from infnets._src.empirical.functorch import jvp, vjp
 from infnets._src.empirical.model import Bound, wrap_model_error
 
 #: NTVP evaluates this many (example, output unit) columns at once, at most, per parameter
@@ -115,14 +116,14 @@ def blocked(
     for k in first:
         cat_rows = []
         for i, row in enumerate(rows):
-            parts = []
+            blocks: list[Tensor] = []
             for j, blk in enumerate(row):
                 if blk is None:
                     other = rows[j][i]
                     assert other is not None
-                    parts.append(other[k].permute(ax.mirror))
+                    blocks.append(other[k].permute(ax.mirror))
                 else:
-                    parts.append(blk[k])
-            cat_rows.append(torch.cat(parts, dim=1))
+                    blocks.append(blk[k])
+            cat_rows.append(torch.cat(blocks, dim=1))
         out[k] = torch.cat(cat_rows, dim=0)
     return out

@@ -50,11 +50,12 @@ class Probe:
 
 
 def _layer_shape(rule: LayerRule, shape: tuple[int, ...], dtype: torch.dtype) -> LayerShape:
-    m = rule.module
     if rule.conv_dims == 0:
+        lin = rule.linear
         return LayerShape(
-            rule, shape, dtype, math.prod(shape[:-1]), 1, m.in_features, m.out_features
+            rule, shape, dtype, math.prod(shape[:-1]), 1, lin.in_features, lin.out_features
         )
+    m = rule.conv
     d = rule.conv_dims
     batch = shape[0] if len(shape) == d + 2 else 1
     groups = m.groups
@@ -114,7 +115,7 @@ class Features:
     """
 
     jac: dict[str, Tensor]
-    layers: dict[str, tuple[LayerShape, Tensor, Tensor]]
+    layers: dict[str, tuple[LayerShape, Tensor, Tensor | Factored]]
     n: int
     out_shape: tuple[int, ...]
 
@@ -126,9 +127,9 @@ class Features:
 def _patches(ls: LayerShape, inp: Tensor) -> Tensor:
     """Layer inputs as ``(n, P, G, D_in)`` patches (the rows multiplied by ``W``)."""
     n = inp.shape[0]
-    m = ls.rule.module
     if ls.rule.conv_dims == 0:
         return inp.reshape(n, -1, 1, ls.d_in)
+    m = ls.rule.conv
     d = ls.rule.conv_dims
     xx = inp.reshape((-1,) + tuple(inp.shape[-d - 1 :]))
     mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
@@ -168,7 +169,9 @@ def features(
     }
     tap = LayerTap({name: ls.rule for name, ls in layers.items()})
 
-    def single(dl: dict[str, Tensor], fbv: dict[str, Tensor], xn: Tensor):  # type: ignore[no-untyped-def]
+    def single(
+        dl: dict[str, Tensor], fbv: dict[str, Tensor], xn: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         with tap.injecting(dl):
             out = bound.call({**const, **fbv}, xn.unsqueeze(0))
             seen = dict(tap.inputs)
@@ -245,7 +248,7 @@ def _conv_weight_jacobian(ls: LayerShape, inp: Tensor, g: Tensor, out_shape: tup
     examples, ``groups = n G``, runs the same products but then concatenates its groups and
     copies the result once more: ~7% slower.)
     """
-    m = ls.rule.module
+    m = ls.rule.conv
     d = ls.rule.conv_dims
     n, o = inp.shape[0], math.prod(out_shape)
     x = inp if inp.ndim == d + 3 else inp.unsqueeze(1)  # (n, B, C_in, *spatial)
@@ -365,8 +368,11 @@ def contract(f1: Features, f2: Features, ax: OutputAxes, same: bool) -> dict[str
         ls2, in2, r2 = f2.layers[name]
         rule = ls.rule
         if isinstance(r1, Factored):
+            # both sides run the same chain steps, so they factor the same layers
+            assert isinstance(r2, Factored)
             out.update(_contract_factored((ls, in1, r1), (ls2, in2, r2), f1, f2, ax, same))
             continue
+        assert not isinstance(r2, Factored)
         g1 = _cotangents(ls, r1, f1.out_shape)
         g2 = g1 if same else _cotangents(ls2, r2, f2.out_shape)
         if ls.P == ls2.P == 1 and ls.G == 1:
@@ -374,9 +380,9 @@ def contract(f1: Features, f2: Features, ax: OutputAxes, same: bool) -> dict[str
             # kg = g1 . g2 (summed over traced units) and the weight block is kg * (u1 . u2).
             kg = _contract_jac(g1[..., 0, 0, :], g2[..., 0, 0, :], ax)
             if rule.weight is not None:
-                a = in1.reshape(in1.shape[0], ls.d_in)
-                b = a if same else in2.reshape(in2.shape[0], ls2.d_in)
-                kx = (a * b).sum(-1) if ax.batch_diag else a @ b.T
+                ua = in1.reshape(in1.shape[0], ls.d_in)
+                ub = ua if same else in2.reshape(in2.shape[0], ls2.d_in)
+                kx = (ua * ub).sum(-1) if ax.batch_diag else ua @ ub.T
                 out[rule.weight] = kg * kx.reshape(kx.shape + (1,) * (kg.ndim - kx.ndim))
             if rule.bias is not None:
                 out[rule.bias] = kg

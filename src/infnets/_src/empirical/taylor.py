@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
-from torch.func import jvp
 
+from infnets._src.empirical.functorch import jvp
 from infnets._src.empirical.model import MODULE_LOCK, Bound, Model, call_with, tensor_slots
 
 

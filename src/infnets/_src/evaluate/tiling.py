@@ -535,7 +535,9 @@ def _same_examples(
     if x2 is not x1:
         return False
     m1, m2 = masks
-    return (m1 is None) == (m2 is None) and (m1 is None or torch.equal(m1, m2))
+    if m1 is None or m2 is None:
+        return m1 is None and m2 is None
+    return torch.equal(m1, m2)
 
 
 def _rows(m: Tensor | None, a: int, b: int) -> Tensor | None:
@@ -688,6 +690,7 @@ def _tiled(
         full = k.is_full_spatial
         nngp[a0:a1, b0:b1] = k.nngp  # type: ignore[index]
         if ntk is not None:
+            assert k.ntk is not None  # allocated only when every tile tracks the NTK
             ntk[a0:a1, b0:b1] = k.ntk
         if symmetric:
             if i == j:
@@ -700,6 +703,7 @@ def _tiled(
             if j == 0:
                 cov1[a0:a1] = k.cov1  # type: ignore[index]
             if i == 0:
+                assert k.cov2 is not None  # tiles of two batches carry both variances
                 cov2[b0:b1] = k.cov2  # type: ignore[index]
 
     bar = tqdm(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -137,7 +137,8 @@ class Aggregate(Layer):
             )
         nodes = tuple(range(2, len(shape)))
         if self.aggregate_axis is not None:
-            given = tuple(sorted(a % len(shape) for a in self.aggregate_axis))
+            axes = cast(tuple[int, ...], self.aggregate_axis)  # a tuple since __post_init__
+            given = tuple(sorted(a % len(shape) for a in axes))
             if given != nodes:
                 raise ValueError(
                     f"{self!r}: aggregate_axis={self.aggregate_axis} must name every node axis "

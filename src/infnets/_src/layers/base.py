@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from infnets._src.core import inputs as _inputs
 from infnets._src.core import masking
 from infnets._src.core.kernel import Kernel
-from infnets._src.core.protocol import FusedStep, KernelTree, Params, ShapeTree
+from infnets._src.core.protocol import FusedStep, KernelFn, KernelTree, Params, ShapeTree
 from infnets._src.evaluate import tiling
 from infnets._src.layers import side_inputs
 
@@ -133,7 +133,7 @@ class Layer:
             return self.apply(params, x)
 
     @property
-    def kernel_fn(self) -> Callable[..., Any]:
+    def kernel_fn(self) -> KernelFn:
         """``kernel_fn(x1, x2=None, get=None, *, diagonal_spatial=None, memory_budget=None,
         batch_size=None, progress=None)``: the infinite-width kernels (see
         :func:`infnets._src.evaluate.tiling.kernel_fn` for the options)."""
@@ -211,7 +211,7 @@ def _as_shape(shape: Any) -> Any:
 
 
 # ------------------------------------------------------------------ nn.Module
-def _to_modules(params: Params) -> nn.Module | nn.Parameter | None:
+def _to_modules(params: Params) -> nn.Module | nn.Parameter:
     if isinstance(params, Tensor):
         return nn.Parameter(params)
     if isinstance(params, dict):

@@ -308,6 +308,17 @@ def _sum(ts: list[Tensor | None]) -> Tensor | None:
     return out
 
 
+def _tracked(ts: list[Tensor | None]) -> list[Tensor]:
+    """Per-branch NTKs or second-batch variances when the first branch has them.
+
+    :func:`_join_meta` has checked that all branches track the NTK and see the same
+    inputs, so none is ``None`` then.
+    """
+    out = [t for t in ts if t is not None]
+    assert len(out) == len(ts)
+    return out
+
+
 def _check_exact(ks: list[Kernel], layer: Layer, centred: bool) -> None:
     """Refuse joins whose cross-branch terms do not vanish in the infinite-width limit.
 
@@ -414,15 +425,16 @@ class FanInProd(Layer):
         nngp = math.prod(nngps[1:], start=nngps[0])
         ntk = None
         if ks[0].ntk is not None:
-            terms = []
-            for i, kk in enumerate(ks):
+            terms: list[Tensor | None] = []
+            for i, kk_ntk in enumerate(_tracked([kk.ntk for kk in ks])):
                 others = [n for j, n in enumerate(nngps) if j != i]
-                terms.append(math.prod(others, start=kk.ntk))
+                terms.append(math.prod(others, start=kk_ntk))
             ntk = _sum(terms)
         cov1 = math.prod([kk.cov1 for kk in ks[1:]], start=ks[0].cov1)
         cov2 = None
         if ks[0].cov2 is not None:
-            cov2 = math.prod([kk.cov2 for kk in ks[1:]], start=ks[0].cov2)
+            cov2s = _tracked([kk.cov2 for kk in ks])
+            cov2 = math.prod(cov2s[1:], start=cov2s[0])
         return ks[0].replace(
             nngp=nngp,
             ntk=ntk,

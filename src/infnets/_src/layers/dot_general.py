@@ -123,7 +123,9 @@ class DotGeneral(Layer):
     @property
     def constant(self) -> Tensor:
         """The constant operand."""
-        return self.lhs if self.lhs is not None else self.rhs  # type: ignore[return-value]
+        const = self.lhs if self.lhs is not None else self.rhs
+        assert const is not None  # __init__ requires exactly one of the two
+        return const
 
     def __repr__(self) -> str:
         side = "rhs" if self._x_is_lhs else "lhs"
@@ -141,7 +143,10 @@ class DotGeneral(Layer):
         const = self.constant
         (lc, rc), (lb, rb) = self.dimension_numbers
         x_c, k_c, x_b, k_b = (lc, rc, lb, rb) if self._x_is_lhs else (rc, lc, rb, lb)
-        norm = lambda axes, n: [a % n for a in axes]  # noqa: E731
+
+        def norm(axes: Sequence[int], n: int) -> tuple[int, ...]:
+            return tuple(a % n for a in axes)
+
         x_c, x_b = norm(x_c, x_ndim), norm(x_b, x_ndim)
         k_c, k_b = norm(k_c, const.ndim), norm(k_b, const.ndim)
         if any(a < 0 or a >= x_ndim for a in x_c + x_b):

@@ -20,7 +20,7 @@ container (compositions of affine maps are affine), at twice the cost of the lay
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -35,22 +35,31 @@ def _records(k: KernelTree) -> list[Kernel]:
     return k if isinstance(k, list) else [k]
 
 
-def _with_zero_ntk(k: KernelTree) -> KernelTree:
+def _each(k: KernelTree, fn: Callable[[Kernel], Kernel]) -> KernelTree:
+    """``fn`` applied to every record of ``k``, keeping the (possibly nested) list structure."""
     if isinstance(k, list):
-        return [_with_zero_ntk(kk) for kk in k]
-    return k.replace(ntk=zero_ntk(k.nngp))
+        # a nested list comes back as a list: KernelTree types only the flat case
+        return [cast(Kernel, _each(kk, fn)) for kk in k]
+    return fn(k)
+
+
+def _with_zero_ntk(k: KernelTree) -> KernelTree:
+    return _each(k, lambda kk: kk.replace(ntk=zero_ntk(kk.nngp)))
 
 
 def _ntk_difference(full: KernelTree, own: KernelTree) -> KernelTree:
     if isinstance(full, list):
-        return [_ntk_difference(f, o) for f, o in zip(full, own)]
-    return full.replace(ntk=full.ntk - own.ntk)
+        # ``own`` has the structure of ``full``: the same layer ran on the same records
+        own_list = cast(list[Kernel], own)
+        return [cast(Kernel, _ntk_difference(f, o)) for f, o in zip(full, own_list)]
+    own_k = cast(Kernel, own)
+    # both runs track the NTK: the caller returns early when the input has none
+    assert full.ntk is not None and own_k.ntk is not None
+    return full.replace(ntk=full.ntk - own_k.ntk)
 
 
 def _zero_out(k: KernelTree) -> KernelTree:
-    if isinstance(k, list):
-        return [_zero_out(kk) for kk in k]
-    return k.replace(ntk=zero_ntk(k.nngp))
+    return _each(k, lambda kk: kk.replace(ntk=zero_ntk(kk.nngp)))
 
 
 class Frozen(Layer):

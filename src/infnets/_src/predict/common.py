@@ -23,7 +23,7 @@ import collections
 import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -53,9 +53,9 @@ class Gaussian(NamedTuple):
 
 
 @functools.cache
-def predictions_type(names: tuple[str, ...]) -> type:
+def predictions_type(names: tuple[str, ...]) -> Callable[..., tuple[Any, ...]]:
     """Named tuple type ``Predictions(name0, name1, ...)`` for a tuple ``get``."""
-    return collections.namedtuple("Predictions", names)  # type: ignore[misc]
+    return collections.namedtuple("Predictions", names)
 
 
 # ---------------------------------------------------------------- scalar checks
@@ -201,6 +201,7 @@ def maybe_pick(
     kernel: Any, name: str, arg: str, fn: str, device: torch.device | None = None
 ) -> Tensor | None:
     """Like :func:`pick` but ``None`` when a record lacks the field or it is ``None``."""
+    value: Tensor | np.ndarray | None
     if isinstance(kernel, (Tensor, np.ndarray)):
         value, label = kernel, arg
     elif hasattr(kernel, "nngp") or hasattr(kernel, "ntk"):

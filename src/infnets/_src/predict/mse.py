@@ -296,7 +296,7 @@ def gradient_descent_mse_ensemble(
         return got
 
     train: dict[str, Tensor] = {}  # float64 unregularized train-train kernels
-    state: dict[str, Any] = {}  # eigendecompositions, projections of Y, D
+    state: dict[str | tuple[str, str], Any] = {}  # eigendecompositions, projections of Y, D
 
     def train_kernels(names: Sequence[str]) -> None:
         missing = tuple(nm for nm in names if nm not in train)

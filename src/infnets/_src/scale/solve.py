@@ -748,15 +748,18 @@ def _predictions_type(names: tuple[str, ...]) -> Any:
     try:
         from infnets._src.predict.common import predictions_type
     except ImportError:  # pragma: no cover - predict is part of infnets
-        from infnets._src.core.inputs import kernel_tuple_type as predictions_type
+        from infnets._src.core.inputs import kernel_tuple_type
+
+        return kernel_tuple_type(names)
     return predictions_type(names)
 
 
 def _gaussian(mean: torch.Tensor, cov: torch.Tensor) -> Any:
     try:
-        from infnets._src.predict.common import Gaussian
+        from infnets._src.predict.common import Gaussian as PredictGaussian
     except ImportError:  # pragma: no cover - predict is part of infnets
         import collections
 
         Gaussian = collections.namedtuple("Gaussian", ["mean", "covariance"])  # noqa: N806
-    return Gaussian(mean, cov)
+        return Gaussian(mean, cov)
+    return PredictGaussian(mean, cov)

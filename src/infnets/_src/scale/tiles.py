@@ -283,7 +283,7 @@ def array_sha256(a: np.ndarray, h: Any = None) -> str:
     rows = max(1, (1 << 24) // max(1, a[0].nbytes))  # ~16 MiB at a time
     for s in range(0, a.shape[0], rows):
         part = flat[s : s + rows] if flat is not None else np.ascontiguousarray(a[s : s + rows])
-        h.update(memoryview(part).cast("B"))
+        h.update(part.data.cast("B"))
     return h.hexdigest()
 
 

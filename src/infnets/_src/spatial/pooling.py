@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from infnets._src.core import masking
 from infnets._src.core.kernel import Kernel, spatial_diagonal
-from infnets._src.core.protocol import Params, ShapeTree
+from infnets._src.core.protocol import Params, ShapeTree, single_shape
 from infnets._src.layers.base import Layer
 from infnets._src.spatial.conv import (
     AxisGeometry,
@@ -113,10 +113,10 @@ class _Pool(Layer):
     def init(
         self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
     ) -> tuple[ShapeTree, Params]:
-        _single(self, in_shape)
-        check_spatial_rank(len(in_shape), self.ndim, repr(self), in_shape)
-        geoms = self.geometry(tuple(in_shape[2:]))
-        return tuple(in_shape[:2]) + tuple(g.out for g in geoms), ()
+        shape = single_shape(in_shape, self)
+        check_spatial_rank(len(shape), self.ndim, repr(self), shape)
+        geoms = self.geometry(tuple(shape[2:]))
+        return tuple(shape[:2]) + tuple(g.out for g in geoms), ()
 
     def apply(self, params: Params, x: Any) -> Any:
         _single(self, x)
@@ -248,6 +248,10 @@ class SumPool(_Pool):
 
 
 # ------------------------------------------------------------ global readouts
+@overload
+def _global_reduce(t: Tensor, lead: int, mean: bool) -> Tensor: ...
+@overload
+def _global_reduce(t: Tensor | None, lead: int, mean: bool) -> Tensor | None: ...
 def _global_reduce(t: Tensor | None, lead: int, mean: bool) -> Tensor | None:
     if t is None:
         return None
@@ -267,9 +271,9 @@ class _GlobalPool(Layer):
     def init(
         self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
     ) -> tuple[ShapeTree, Params]:
-        _single(self, in_shape)
-        _spatial(self, in_shape)
-        return tuple(in_shape[:2]), ()
+        shape = single_shape(in_shape, self)
+        _spatial(self, shape)
+        return tuple(shape[:2]), ()
 
     def apply(self, params: Params, x: Any) -> Any:
         _single(self, x)
@@ -303,7 +307,9 @@ class _GlobalPool(Layer):
 def _masked_global(k: Kernel, mean: bool) -> Kernel:
     """Global pooling over the real positions: ``K' = sum_{p, p' real} K(p, p') / (n n')``
     with ``n``, ``n'`` the examples' real position counts (``1`` for sums)."""
-    keep1, keep2 = masking.pair_keep(k)  # type: ignore[misc]
+    keeps = masking.pair_keep(k)
+    assert keeps is not None  # only masked records come here
+    keep1, keep2 = keeps
     own = masking.own_keep(k, 1)
     own2 = None if k.cov2 is None else masking.own_keep(k, 2)
     lead = _lead(k)
@@ -388,10 +394,10 @@ class Flatten(Layer):
     def init(
         self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
     ) -> tuple[ShapeTree, Params]:
-        _single(self, in_shape)
-        if len(in_shape) <= 2:
-            return tuple(in_shape), ()
-        return (in_shape[0], math.prod(in_shape[1:])), ()
+        shape = single_shape(in_shape, self)
+        if len(shape) <= 2:
+            return tuple(shape), ()
+        return (shape[0], math.prod(shape[1:])), ()
 
     def apply(self, params: Params, x: Any) -> Any:
         _single(self, x)
