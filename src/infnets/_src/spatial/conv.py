@@ -360,7 +360,42 @@ def scale_shift(t: Tensor, scale: Any, shift: Any, fresh: bool) -> Tensor:
 
 # ---------------------------------------------------------------------- Conv
 @dataclasses.dataclass(frozen=True, eq=False)
-class Conv(Layer):
+class ConvFields(Layer):
+    """The arguments ``Conv``, ``ConvTranspose`` and ``ConvLocal`` share, checked once.
+
+    Error messages name the concrete layer (``Conv: out_chan ...``).
+    """
+
+    out_chan: int
+    filter_shape: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    padding: str = "VALID"
+    W_std: float = 1.0
+    b_std: float | None = None
+    parameterization: str = "ntk"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _inputs.check_int(self.out_chan, f"{name}: out_chan", 1)
+        fs = _ints(self.filter_shape, name, "filter_shape", None)
+        object.__setattr__(self, "filter_shape", fs)
+        if self.strides is not None:
+            object.__setattr__(self, "strides", _ints(self.strides, name, "strides", len(fs)))
+        object.__setattr__(self, "padding", check_padding(self.padding, name))
+        object.__setattr__(self, "W_std", _inputs.check_std(self.W_std, f"{name}: W_std"))
+        object.__setattr__(
+            self, "b_std", _inputs.check_std(self.b_std, f"{name}: b_std", allow_none=True)
+        )
+        check_parameterization(self.parameterization, name)
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial axes."""
+        return len(self.filter_shape)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Conv(ConvFields):
     r"""Convolution over 1, 2 or 3 spatial axes, like ``torch.nn.Conv1d/2d/3d``.
 
     With ``C`` input channels and fan-in ``n = C prod(filter_shape)``:
@@ -401,33 +436,7 @@ class Conv(Layer):
         torch.Size([2, 2])
     """
 
-    out_chan: int
-    filter_shape: tuple[int, ...]
-    strides: tuple[int, ...] | None = None
-    padding: str = "VALID"
-    W_std: float = 1.0
-    b_std: float | None = None
-    parameterization: str = "ntk"
-
-    def __post_init__(self) -> None:
-        _inputs.check_int(self.out_chan, "Conv: out_chan", 1)
-        fs = _ints(self.filter_shape, "Conv", "filter_shape", None)
-        object.__setattr__(self, "filter_shape", fs)
-        if self.strides is not None:
-            object.__setattr__(self, "strides", _ints(self.strides, "Conv", "strides", len(fs)))
-        object.__setattr__(self, "padding", check_padding(self.padding, "Conv"))
-        object.__setattr__(self, "W_std", _inputs.check_std(self.W_std, "Conv: W_std"))
-        object.__setattr__(
-            self, "b_std", _inputs.check_std(self.b_std, "Conv: b_std", allow_none=True)
-        )
-        check_parameterization(self.parameterization, "Conv")
-
     # --------------------------------------------------------------- helpers
-    @property
-    def ndim(self) -> int:
-        """Number of spatial axes."""
-        return len(self.filter_shape)
-
     def geometry(self, spatial: Sequence[int]) -> list[AxisGeometry]:
         """Window geometry of each spatial axis for inputs of spatial shape ``spatial``."""
         strides = self.strides or (1,) * self.ndim

@@ -31,12 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from infnets._src.core import inputs as _inputs
 from infnets._src.core.protocol import Params, ShapeTree
-from infnets._src.layers.base import Layer
-from infnets._src.layers.dense import check_parameterization
 from infnets._src.spatial.axis_maps import apply_axis, diagonal_map, pair_map
-from infnets._src.spatial.conv import _ints, check_padding, check_spatial_rank
+from infnets._src.spatial.conv import ConvFields, check_spatial_rank
 
 __all__ = ["ConvTranspose", "TransposeGeometry", "transpose_geometry"]
 
@@ -108,7 +105,7 @@ def transpose_geometry(n: int, k: int, s: int, padding: str) -> TransposeGeometr
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ConvTranspose(Layer):
+class ConvTranspose(ConvFields):
     r"""Transposed convolution, like ``torch.nn.ConvTranspose1d/2d/3d``.
 
     With ``C`` input channels, fan-in ``n = C prod(filter_shape)`` and ``W[c, o, *f],
@@ -142,33 +139,6 @@ class ConvTranspose(Layer):
         >>> net.kernel_fn(torch.ones(2, 1, 3, 3), None, 'ntk').shape
         torch.Size([2, 2])
     """
-
-    out_chan: int
-    filter_shape: tuple[int, ...]
-    strides: tuple[int, ...] | None = None
-    padding: str = "VALID"
-    W_std: float = 1.0
-    b_std: float | None = None
-    parameterization: str = "ntk"
-
-    def __post_init__(self) -> None:
-        name = "ConvTranspose"
-        _inputs.check_int(self.out_chan, f"{name}: out_chan", 1)
-        fs = _ints(self.filter_shape, name, "filter_shape", None)
-        object.__setattr__(self, "filter_shape", fs)
-        if self.strides is not None:
-            object.__setattr__(self, "strides", _ints(self.strides, name, "strides", len(fs)))
-        object.__setattr__(self, "padding", check_padding(self.padding, name))
-        object.__setattr__(self, "W_std", _inputs.check_std(self.W_std, f"{name}: W_std"))
-        object.__setattr__(
-            self, "b_std", _inputs.check_std(self.b_std, f"{name}: b_std", allow_none=True)
-        )
-        check_parameterization(self.parameterization, name)
-
-    @property
-    def ndim(self) -> int:
-        """Number of spatial axes."""
-        return len(self.filter_shape)
 
     def geometry(self, spatial: Sequence[int]) -> list[TransposeGeometry]:
         """The scatter of each spatial axis for inputs of spatial shape ``spatial``."""

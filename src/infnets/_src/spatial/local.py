@@ -24,16 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infnets._src.core import inputs as _inputs
 from infnets._src.core.kernel import Kernel, spatial_diagonal
 from infnets._src.core.protocol import KernelTree, Params, ShapeTree
-from infnets._src.layers.base import Layer
-from infnets._src.layers.dense import check_parameterization
 from infnets._src.spatial.conv import (
     AxisGeometry,
-    _ints,
+    ConvFields,
     axis_geometry,
-    check_padding,
     check_spatial_rank,
     conv_covariance,
     pad_input,
@@ -55,7 +51,7 @@ def embed_diagonal(t: Tensor, lead: int) -> Tensor:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ConvLocal(Layer):
+class ConvLocal(ConvFields):
     r"""Locally connected layer: a ``Conv`` whose weights differ at every output position.
 
     With ``C`` input channels, fan-in ``n = C |F|`` and ``W[o, c, *f, *p], b[o, *p] ~
@@ -87,33 +83,6 @@ class ConvLocal(Layer):
         >>> net.kernel_fn(torch.ones(2, 1, 5), None, 'nngp').shape
         torch.Size([2, 2])
     """
-
-    out_chan: int
-    filter_shape: tuple[int, ...]
-    strides: tuple[int, ...] | None = None
-    padding: str = "VALID"
-    W_std: float = 1.0
-    b_std: float | None = None
-    parameterization: str = "ntk"
-
-    def __post_init__(self) -> None:
-        name = "ConvLocal"
-        _inputs.check_int(self.out_chan, f"{name}: out_chan", 1)
-        fs = _ints(self.filter_shape, name, "filter_shape", None)
-        object.__setattr__(self, "filter_shape", fs)
-        if self.strides is not None:
-            object.__setattr__(self, "strides", _ints(self.strides, name, "strides", len(fs)))
-        object.__setattr__(self, "padding", check_padding(self.padding, name))
-        object.__setattr__(self, "W_std", _inputs.check_std(self.W_std, f"{name}: W_std"))
-        object.__setattr__(
-            self, "b_std", _inputs.check_std(self.b_std, f"{name}: b_std", allow_none=True)
-        )
-        check_parameterization(self.parameterization, name)
-
-    @property
-    def ndim(self) -> int:
-        """Number of spatial axes."""
-        return len(self.filter_shape)
 
     def geometry(self, spatial: Sequence[int]) -> list[AxisGeometry]:
         """Window geometry per spatial axis (as ``Conv``)."""
