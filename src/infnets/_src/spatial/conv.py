@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from infnets._src.core import inputs as _inputs
 from infnets._src.core import safe_math as sm
-from infnets._src.core.kernel import alloc_like, is_zero_ntk
+from infnets._src.core.kernel import Kernel, alloc_like, is_zero_ntk
 from infnets._src.core.protocol import Params, ShapeTree
 from infnets._src.evaluate import compiled
 from infnets._src.layers.base import Layer
@@ -392,6 +392,37 @@ class ConvFields(Layer):
     def ndim(self) -> int:
         """Number of spatial axes."""
         return len(self.filter_shape)
+
+    def affine_covariances(
+        self, k: Kernel, lin: Callable[[Tensor, int], Tensor]
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """``(nngp, ntk, cov1, cov2)`` after this layer, given its position map.
+
+        ``lin(t, n)`` applies the layer's (linear) map of positions, a sum over the ``|F|``
+        filter offsets, to a covariance with ``n`` leading example axes. With
+        ``w = W_std^2 / |F|`` and ``b = b_std^2``: ``K' = w lin(K) + b`` and, in the NTK
+        parameterization, ``Theta' = K' + w lin(Theta)``; in the standard one
+        ``Theta' = lin(n_in K + w Theta) + [bias]`` (Jacot et al. 2018; Park et al. 2019).
+        """
+        lead = 1 if k.is_packed else 2
+        w2 = float(self.W_std) ** 2 / math.prod(self.filter_shape)
+        b2 = None if self.b_std is None else float(self.b_std) ** 2
+
+        def affine(t: Tensor, n: int) -> Tensor:
+            out = lin(t, n) * w2
+            return out if b2 is None else out + b2
+
+        nngp = affine(k.nngp, lead)
+        ntk = k.ntk
+        if ntk is not None:
+            if self.parameterization == "ntk":
+                ntk = nngp + w2 * lin(ntk, lead)
+            else:
+                ntk = lin(k.width * k.nngp + w2 * ntk, lead)
+                if self.b_std is not None:
+                    ntk = ntk + 1.0
+        cov2 = None if k.cov2 is None else affine(k.cov2, 1)
+        return nngp, ntk, affine(k.cov1, 1), cov2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -198,28 +198,13 @@ class ConvTranspose(ConvFields):
         geoms = self.geometry(k.spatial_shape)
         mats = [g.scatters() for g in geoms]
         full = k.is_full_spatial
-        lead = 1 if k.is_packed else 2
-        w2f = self.W_std**2 / math.prod(self.filter_shape)
-        b2 = None if self.b_std is None else self.b_std**2
 
         def a(t: Tensor, n: int) -> Tensor:
             for axis, m in enumerate(mats):
                 t = pair_map(t, n, axis, m) if full else diagonal_map(t, n, axis, m)
             return t
 
-        def affine(t: Tensor, n: int) -> Tensor:
-            out = a(t, n) * w2f
-            return out if b2 is None else out + b2
-
-        nngp = affine(k.nngp, lead)
-        ntk = k.ntk
-        if ntk is not None:
-            if self.parameterization == "ntk":
-                ntk = nngp + w2f * a(ntk, lead)
-            else:
-                ntk = a(k.width * k.nngp + w2f * ntk, lead)
-                if self.b_std is not None:
-                    ntk = ntk + 1.0
+        nngp, ntk, cov1, cov2 = self.affine_covariances(k, a)
         out_spatial = tuple(g.out for g in geoms)
 
         def shape(s: tuple[int, ...]) -> tuple[int, ...]:
@@ -228,8 +213,8 @@ class ConvTranspose(ConvFields):
         return k.replace(
             nngp=nngp,
             ntk=ntk,
-            cov1=affine(k.cov1, 1),
-            cov2=None if k.cov2 is None else affine(k.cov2, 1),
+            cov1=cov1,
+            cov2=cov2,
             shape1=shape(k.shape1),
             shape2=shape(k.shape2),
             is_gaussian=True,

@@ -156,27 +156,11 @@ class ConvLocal(ConvFields):
         k = k.to_diagonal_spatial()
         geoms = self.geometry(k.spatial_shape)
         lead = 1 if k.is_packed else 2
-        w2f = self.W_std**2 / math.prod(self.filter_shape)
-        b2 = None if self.b_std is None else self.b_std**2
 
         def d(t: Tensor, n: int) -> Tensor:
             return conv_covariance(t, n, False, geoms)
 
-        def affine(t: Tensor, n: int) -> Tensor:
-            out = d(t, n) * w2f
-            return out if b2 is None else out + b2
-
-        nngp = affine(k.nngp, lead)
-        ntk = k.ntk
-        if ntk is not None:
-            if self.parameterization == "ntk":
-                ntk = nngp + w2f * d(ntk, lead)
-            else:
-                ntk = d(k.width * k.nngp + w2f * ntk, lead)
-                if self.b_std is not None:
-                    ntk = ntk + 1.0
-        cov1 = affine(k.cov1, 1)
-        cov2 = None if k.cov2 is None else affine(k.cov2, 1)
+        nngp, ntk, cov1, cov2 = self.affine_covariances(k, d)
         if full_out:
             nngp, cov1 = embed_diagonal(nngp, lead), embed_diagonal(cov1, 1)
             ntk = None if ntk is None else embed_diagonal(ntk, lead)
