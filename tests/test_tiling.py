@@ -289,3 +289,19 @@ def test_heap_tuning_is_lazy_and_opt_out(monkeypatch):
     net.kernel_fn(x, None, "nngp", batch_size=2)
     net.kernel_fn(x, None, "nngp", batch_size=3)
     assert len(calls) == 3  # three parameters, set once per process
+
+
+def test_memory_estimate_follows_layers_that_enlarge_images():
+    """pair_bytes counts the largest image any layer makes: a stride-2 ConvTranspose
+    'SAME' doubles each axis (4x the positions, 16x the pixel pairs), an upsampling
+    ImageResize too; shrinking layers keep the input's size as the bound."""
+    x = _x((3, 1, 4, 5))
+    plain = stax.serial(stax.Conv(2, (3, 3), padding="SAME"), stax.Relu(), stax.GlobalAvgPool())
+    base = tiling.pair_bytes(plain, x, True, True)
+    up = stax.serial(stax.ConvTranspose(2, (3, 3), (2, 2), "SAME"), stax.Relu(), plain)
+    assert tiling.pair_bytes(up, x, True, True) == 16 * base
+    assert tiling.pair_bytes(up, x, False, True) == 4 * tiling.pair_bytes(plain, x, False, True)
+    resize = stax.serial(stax.ImageResize((-1, -1, 8, 15), "linear"), plain)
+    assert tiling.pair_bytes(resize, x, True, True) == 36 * base
+    shrink = stax.serial(stax.AvgPool((2, 2)), plain)
+    assert tiling.pair_bytes(shrink, x, True, True) == base

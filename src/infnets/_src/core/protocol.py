@@ -13,8 +13,9 @@ concrete layer classes, so it sits *below* the layer families in the import grap
   of its input (see :mod:`infnets._src.core.kernel`);
 * ``fused_steps()``: the layer as steps of the fully-connected fast path
   (:class:`Affine`, :class:`PairMap`), or ``None`` when it has no fused form;
-* ``sublayers()`` and ``extra_records()``: the children of containers and how many extra
-  records a layer keeps alive at once (``FanOut``), for memory planning.
+* ``sublayers()``, ``extra_records()`` and ``output_spatial(spatial)``: the children of
+  containers, how many extra records a layer keeps alive at once (``FanOut``) and the
+  spatial shape it outputs (layers that enlarge images), for memory planning.
 
 The kernel of raw inputs (:func:`input_kernel`) lives here too: the first record every
 evaluation path starts from.
@@ -143,6 +144,8 @@ class KernelLayer(Protocol):
     def sublayers(self) -> Sequence[KernelLayer]: ...
 
     def extra_records(self) -> int: ...
+
+    def output_spatial(self, spatial: Shape) -> Shape: ...
 
 
 def single_shape(in_shape: ShapeTree, who: object) -> Shape:

@@ -295,11 +295,11 @@ def _branches(layer: KernelLayer) -> int:
 def pair_bytes(layer: KernelLayer, x1: Tensor, full_input: bool, need_ntk: bool) -> int:
     """Estimated peak memory of one pair of examples, in bytes.
 
-    No layer enlarges the spatial extent (convolutions keep or shrink it, pooling
-    shrinks it), so the input's covariance size per pair, ``P^2`` with pixel pairs
-    or ``P`` without (1 for fully-connected inputs), bounds every layer's. It is
-    multiplied by the covariances kept (NNGP and NTK), :data:`TEMPORARIES` and the
-    number of parallel branches.
+    The largest number of positions ``P`` any layer sees (the input's, or more after layers
+    that enlarge images: ``output_spatial`` of the protocol, followed through the layers in
+    order) gives the covariance size per pair, ``P^2`` with pixel pairs or ``P`` without (1
+    for fully-connected inputs). It is multiplied by the covariances kept (NNGP and NTK),
+    :data:`TEMPORARIES` and the number of parallel branches.
 
     Args:
         layer: the architecture.
@@ -310,7 +310,13 @@ def pair_bytes(layer: KernelLayer, x1: Tensor, full_input: bool, need_ntk: bool)
     Returns:
         Bytes per pair of examples.
     """
-    positions = math.prod(x1.shape[2:]) if x1.ndim > 2 else 1
+    positions = 1
+    if x1.ndim > 2:
+        spatial = tuple(x1.shape[2:])
+        positions = math.prod(spatial)
+        for leaf in leaves(layer):
+            spatial = leaf.output_spatial(spatial)
+            positions = max(positions, math.prod(spatial))
     per_pair = positions * positions if full_input else positions
     kept = 2 if need_ntk else 1
     return int(math.ceil(per_pair * kept * TEMPORARIES * _branches(layer) * x1.element_size()))

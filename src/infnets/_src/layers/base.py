@@ -98,6 +98,15 @@ class Layer:
         """How many records beyond one this layer keeps alive at once (``FanOut``: n - 1)."""
         return 0
 
+    def output_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        """The spatial shape of the output for inputs of spatial shape ``spatial``.
+
+        For memory planning only: the default (the same shape) is right for layers that keep
+        or shrink the positions; layers that enlarge them (``ConvTranspose``, upsampling
+        ``ImageResize``) must override it.
+        """
+        return spatial
+
     # ----------------------------------------------------------- public API
     @property
     def init_fn(self) -> Callable[..., tuple[ShapeTree, Params]]:

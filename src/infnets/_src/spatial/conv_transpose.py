@@ -140,6 +140,11 @@ class ConvTranspose(ConvFields):
         torch.Size([2, 2])
     """
 
+    def output_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        if len(spatial) != self.ndim:
+            return spatial  # the kernel map reports the mismatch
+        return tuple(g.out for g in self.geometry(spatial))
+
     def geometry(self, spatial: Sequence[int]) -> list[TransposeGeometry]:
         """The scatter of each spatial axis for inputs of spatial shape ``spatial``."""
         strides = self.strides or (1,) * self.ndim

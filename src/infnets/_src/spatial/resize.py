@@ -156,6 +156,11 @@ class ImageResize(Layer):
         if not isinstance(self.antialias, bool):
             raise TypeError(f"ImageResize: antialias must be a bool, got {self.antialias!r}.")
 
+    def output_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        if len(spatial) + 2 != len(self.shape):
+            return spatial  # the kernel map reports the mismatch
+        return tuple(n if m == -1 else m for n, m in zip(spatial, self.shape[2:]))
+
     def _out_spatial(self, in_shape: Sequence[int]) -> tuple[int, ...]:
         if len(in_shape) != len(self.shape):
             raise ValueError(
