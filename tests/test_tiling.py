@@ -266,7 +266,7 @@ def test_docstring_examples():
 
 
 def test_heap_tuning_is_lazy_and_opt_out(monkeypatch):
-    """``mallopt`` is called only by tiled work, once, and never with INFNETS_TUNE_HEAP=0."""
+    """``mallopt`` is called only by tiled or large work, once, never with INFNETS_TUNE_HEAP=0."""
     calls = []
 
     class Libc:
@@ -289,6 +289,14 @@ def test_heap_tuning_is_lazy_and_opt_out(monkeypatch):
     net.kernel_fn(x, None, "nngp", batch_size=2)
     net.kernel_fn(x, None, "nngp", batch_size=3)
     assert len(calls) == 3  # three parameters, set once per process
+    # an untiled computation tunes the heap too once its working set is large enough
+    monkeypatch.setattr(chunks, "_HEAP_TUNED", [False])
+    calls.clear()
+    monkeypatch.setattr(tiling, "HEAP_TUNE_MIN_BYTES", 2 * tiling.pair_bytes(net, x, True, False))
+    net.kernel_fn(x[:1], None, "nngp")  # one pair: below the threshold
+    assert calls == []
+    net.kernel_fn(x, None, "nngp")
+    assert len(calls) == 3
 
 
 def test_memory_estimate_follows_layers_that_enlarge_images():

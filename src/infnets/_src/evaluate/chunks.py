@@ -344,7 +344,8 @@ def tune_heap() -> None:
     :data:`HEAP_PAD_BYTES` free at the top of each heap and trimming the main
     heap only above :data:`HEAP_KEEP_BYTES` removes them (0.85 s, ~0 faults).
     This process-wide glibc setting is made once, on the first tiled CPU
-    computation (never on import, never for work that needs no tiles or blocks);
+    computation or untiled one of at least ``tiling.HEAP_TUNE_MIN_BYTES`` (32 MiB) of
+    estimated working set (never on import, never for small computations);
     :class:`Heap` still returns memory whenever the resident size grows by more than
     :data:`HEAP_KEEP_BYTES` during a run. Setting the environment variable
     ``INFNETS_TUNE_HEAP=0`` opts out (for applications that tune ``malloc`` themselves).

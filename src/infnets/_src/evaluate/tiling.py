@@ -508,6 +508,8 @@ def kernel_fn(
     cache_side = _cache_side(x1, full_in, pairs)
     args = (layer, x1, x2, need_ntk, full_in, out_full, masks)
     if batch_size is None and pairs * per_pair <= budget and cache_side >= max(n1, n2):
+        if x1.device.type == "cpu" and pairs * per_pair >= HEAP_TUNE_MIN_BYTES:
+            tune_heap()  # large temporaries: reuse heap pages instead of page-faulting
         return select(_finite(_single, args), get)
 
     # ------------------------------------------------------------- tiled
@@ -619,6 +621,10 @@ def _locate(args: tuple[Any, ...], pair: tuple[int, int]) -> _inputs.KernelOverf
 
 #: most extra work accepted to give every tile the same shape (see _tiled)
 PAD_FRACTION = 0.02
+#: an untiled computation whose estimated working set reaches this many bytes tunes the heap
+#: too (:func:`~infnets._src.evaluate.chunks.tune_heap`): its multi-megabyte temporaries then
+#: reuse heap pages (the attention benchmark's 17 MB covariances: 74 -> 50 ms a call)
+HEAP_TUNE_MIN_BYTES = 32 << 20
 
 
 def _padded(x: Tensor, side: int) -> Tensor | None:
