@@ -244,7 +244,10 @@ def _as_dask_input(x: Any, name: str, tile: int, da: Any, client: Any = None) ->
     arr = t.detach().cpu().numpy()
     if client is None:
         return da.from_array(arr, chunks=(tile,) + arr.shape[1:], name=False)
-    future = client.scatter(arr, hash=True)  # content-addressed: the same data is sent once
+    # a key of its own (hash=False): content-addressed keys are shared by every call that
+    # scatters equal data, and the release of an earlier call's future could then drop the
+    # data under this one ("lost dependencies")
+    future = client.scatter(arr, hash=False)
     meta = np.empty((0,) * arr.ndim, arr.dtype)
     whole = da.from_delayed(future, arr.shape, dtype=arr.dtype, meta=meta)
     return whole.rechunk((tile,) + arr.shape[1:])
@@ -284,7 +287,7 @@ def kernel_matrix(
     (``dask.compute(k.nngp, k.ntk)``) to run every tile once.
 
     Inputs given in memory (tensors, numpy arrays) are scattered to the cluster's workers
-    once (``client.scatter``, content-addressed) and the graph refers to them by key, so
+    once per call (``client.scatter``) and the graph refers to them by key, so
     the graph stays small whatever the data (no "Sending large graph" warning for, e.g.,
     20,000 x 100 float64 inputs); the arrays returned are then tied to that client
     (compute them there, e.g. ``.compute()`` with it the default client). Dask arrays
