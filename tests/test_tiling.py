@@ -313,3 +313,74 @@ def test_memory_estimate_follows_layers_that_enlarge_images():
     assert tiling.pair_bytes(resize, x, True, True) == 36 * base
     shrink = stax.serial(stax.AvgPool((2, 2)), plain)
     assert tiling.pair_bytes(shrink, x, True, True) == base
+
+
+def _depth_net():
+    return stax.serial(
+        stax.Dense(64, W_std=1.4, b_std=0.1),
+        stax.Relu(),
+        stax.Dense(64, W_std=1.2, b_std=0.2),
+        stax.Erf(),
+        stax.Dense(1, W_std=1.1),
+    )
+
+
+@pytest.mark.parametrize("x2_rows", [None, 7])
+def test_per_layer_equals_separate_prefix_calls(monkeypatch, x2_rows):
+    """One pass gives the kernel after every depth; each equals the prefix network's own
+    kernel_fn, computed here on the fused, blocked fully-connected path (a second code path:
+    small PAIR_CHUNK), so agreement is to rounding, not by construction."""
+    monkeypatch.setattr(chunks, "PAIR_CHUNK", 64)
+    net = _depth_net()
+    x = _x((30, 5))
+    x2 = None if x2_rows is None else _x((x2_rows, 5), seed=3)
+    ks = net.kernel_fn(x, x2, ("nngp", "ntk"), per_layer=True)
+    assert len(ks) == 5
+    for depth, k in enumerate(ks, 1):
+        ref = stax.serial(*net.layers[:depth]).kernel_fn(x, x2, ("nngp", "ntk"))
+        torch.testing.assert_close(k.nngp, ref.nngp, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(k.ntk, ref.ntk, rtol=1e-12, atol=1e-14)
+    chosen = net.kernel_fn(x, x2, "ntk", per_layer=[4, 2])
+    torch.testing.assert_close(chosen[0], ks[3].ntk, rtol=0, atol=0)
+    torch.testing.assert_close(chosen[1], ks[1].ntk, rtol=0, atol=0)
+
+
+def test_per_layer_spatial_network():
+    """A CNN with global pooling: intermediate records keep every pixel pair (the pooling
+    needs them) and equal the prefix networks computed with diagonal_spatial=False."""
+    net = stax.serial(
+        stax.Conv(8, (3, 3), padding="SAME", W_std=1.3, b_std=0.1),
+        stax.Relu(),
+        stax.Conv(8, (3, 3), padding="SAME", W_std=1.3),
+        stax.GlobalAvgPool(),
+        stax.Dense(1),
+    )
+    x = _x((5, 2, 4, 3))
+    ks = net.kernel_fn(x, None, None, per_layer=True)
+    for depth, k in enumerate(ks, 1):
+        ref = stax.serial(*net.layers[:depth]).kernel_fn(x, None, None, diagonal_spatial=False)
+        assert k.nngp.shape == ref.nngp.shape
+        torch.testing.assert_close(k.nngp, ref.nngp, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(k.ntk, ref.ntk, rtol=1e-12, atol=1e-14)
+
+
+def test_per_layer_refusals():
+    x = _x((6, 5))
+    with pytest.raises(ValueError, match="per_layer needs a stax.serial"):
+        stax.Dense(3).kernel_fn(x, None, "nngp", per_layer=True)
+    with pytest.raises(ValueError, match=r"depths must lie in 1\.\.5"):
+        _depth_net().kernel_fn(x, None, "nngp", per_layer=[6])
+    with pytest.raises(TypeError, match="per_layer must be True or a sequence"):
+        _depth_net().kernel_fn(x, None, "nngp", per_layer="all")
+    with pytest.raises(MemoryError, match="per_layer computes"):
+        _depth_net().kernel_fn(x, None, "nngp", per_layer=True, batch_size=2)
+    branches = stax.serial(
+        stax.Dense(4),
+        stax.FanOut(2),
+        stax.parallel(stax.Dense(4), stax.Identity()),
+        stax.FanInSum(),
+        stax.Relu(),
+    )
+    with pytest.raises(ValueError, match="depth 2 .* has 2 branches"):
+        branches.kernel_fn(x, None, "nngp", per_layer=[2])
+    assert len(branches.kernel_fn(x, None, "nngp", per_layer=[1, 4, 5])) == 3

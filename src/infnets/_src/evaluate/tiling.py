@@ -412,6 +412,7 @@ def kernel_fn(
     mask_constant: float | None = None,
     mask1: Tensor | None = None,
     mask2: Tensor | None = None,
+    per_layer: bool | Sequence[int] = False,
 ) -> Any:
     r"""Infinite-width kernels of ``layer`` on two batches, under a memory budget.
 
@@ -437,6 +438,14 @@ def kernel_fn(
             :mod:`infnets._src.core.masking`).
         mask1, mask2: explicit boolean masks ``(N, *spatial)`` of ``x1``/``x2``
             (``True`` at padded positions), instead of ``mask_constant``.
+
+        per_layer: for a ``stax.serial`` network, ``True`` returns a list with the kernels
+            after each of its layers (depth 1 to L), or a sequence of depths returns those
+            (depth ``d``: after the first ``d`` layers), from one pass through the network:
+            depth sweeps at the cost of the deepest call. Intermediate records of spatial
+            networks keep the layout the next layer needs (``(N1, N2, *S)``, pixel pairs
+            interleaved where a later layer needs them). Computed in one tile: refused when
+            the problem needs tiling (``batch_size`` or over the memory budget).
 
     Returns:
         What ``get`` asks for; kernels have shape ``(N1, N2)`` (plus the output's
@@ -495,6 +504,16 @@ def kernel_fn(
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"kernel_fn: progress must be None, True or False, got {progress!r}.")
 
+    if per_layer is not False:
+        depths = _per_layer_depths(layer, per_layer)
+        if batch_size is not None or pairs_of(n1, n2, x2 is None) * per_pair > budget:
+            raise MemoryError(
+                f"kernel_fn: per_layer computes {n1} x {n2} pairs in one tile, which needs more "
+                f"than the memory budget of {_human(budget)} (or batch_size was given); raise "
+                "memory_budget or pass x1 in row blocks."
+            )
+        return _per_layer(layer, x1, x2, get, need_ntk, full_in, out_full, masks, depths)
+
     if per_pair > budget:
         raise MemoryError(
             f"kernel_fn: one pair of examples needs about {_human(per_pair)} for {layer!r} "
@@ -546,6 +565,75 @@ def _same_examples(
     if m1 is None or m2 is None:
         return m1 is None and m2 is None
     return torch.equal(m1, m2)
+
+
+def pairs_of(n1: int, n2: int, symmetric: bool) -> int:
+    """Pairs stored for ``n1 x n2`` examples (one triangle when packed)."""
+    return n1 * (n1 + 1) // 2 if symmetric and n1 >= PACK_MIN_EXAMPLES else n1 * n2
+
+
+def _per_layer_depths(layer: KernelLayer, per_layer: bool | Sequence[int]) -> list[int]:
+    steps = getattr(layer, "kernel_steps", None)
+    n = len(layer.sublayers())
+    if steps is None or n == 0:
+        raise ValueError(
+            f"kernel_fn: per_layer needs a stax.serial network (its depths are its layers), "
+            f"got {layer!r}."
+        )
+    if per_layer is True:
+        return list(range(1, n + 1))
+    if isinstance(per_layer, (bool, str)) or not isinstance(per_layer, Sequence):
+        raise TypeError(
+            f"kernel_fn: per_layer must be True or a sequence of depths 1..{n}, got {per_layer!r}."
+        )
+    depths = [_inputs.check_int(d, "kernel_fn: per_layer depth", 1) for d in per_layer]
+    if not depths or max(depths) > n:
+        raise ValueError(f"kernel_fn: per_layer depths must lie in 1..{n}, got {list(per_layer)}.")
+    return depths
+
+
+def _per_layer(
+    layer: KernelLayer,
+    x1: Tensor,
+    x2: Tensor | None,
+    get: str | Sequence[str] | None,
+    need_ntk: bool,
+    full_in: bool,
+    out_full: Any,
+    masks: tuple[Tensor | None, Tensor | None],
+    depths: list[int],
+) -> list[Any]:
+    """The records after the requested depths of a serial network, in one pass."""
+    if x1.ndim == 2:
+        k_in = input_kernel(x1, x2, need_ntk)
+    else:
+        k_in = spatial_input_kernel(x1, x2, need_ntk, full=full_in)
+        if masks[0] is not None or masks[1] is not None:
+            k_in = k_in.replace(mask1=masks[0], mask2=None if x2 is None else masks[1])
+    wanted = set(depths)
+    found: dict[int, Kernel] = {}
+    steps = layer.kernel_steps(k_in, out_full)  # type: ignore[attr-defined]
+    for depth, k in enumerate(steps, 1):
+        if depth not in wanted:
+            continue
+        if not isinstance(k, Kernel):
+            raise ValueError(
+                f"kernel_fn: per_layer depth {depth} of {layer!r} has {len(k)} branches; ask "
+                "for depths where the branches are joined (after a FanIn layer)."
+            )
+        if is_zero_ntk(k.ntk):
+            k = k.replace(ntk=torch.zeros_like(k.nngp))
+        k = k.to_dense()
+        bad = _inputs.non_finite_fields(k)
+        if bad:
+            raise FloatingPointError(
+                f"kernel_fn: the kernel after layer {depth} of {layer!r} has NaN/Inf in "
+                f"{bad} ({x1.dtype}); use float64 inputs or smaller weight scales."
+            )
+        found[depth] = k
+        if len(found) == len(wanted):
+            break
+    return [select(found[d], get) for d in depths]
 
 
 def _rows(m: Tensor | None, a: int, b: int) -> Tensor | None:

@@ -144,7 +144,8 @@ class Layer:
     @property
     def kernel_fn(self) -> KernelFn:
         """``kernel_fn(x1, x2=None, get=None, *, diagonal_spatial=None, memory_budget=None,
-        batch_size=None, progress=None)``: the infinite-width kernels (see
+        batch_size=None, progress=None, mask_constant=None, per_layer=False)``: the
+        infinite-width kernels (see
         :func:`infnets._src.evaluate.tiling.kernel_fn` for the options)."""
         return self._kernel_fn
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -89,15 +90,27 @@ class Serial(Layer):
         return out_full
 
     def kernel_planned(self, k: Any, out_full: Any) -> Any:
+        out = k
+        for out in self.kernel_steps(k, out_full):  # noqa: B007 - the last record is the output
+            pass
+        return out if out_full is None else adapt_spatial(out, out_full, self)
+
+    def kernel_steps(self, k: Any, out_full: Any) -> Iterator[Any]:
+        """The record after each layer in turn (``kernel_fn(..., per_layer=...)``).
+
+        Each record is in the layout the next layer needs (``out_full`` as in
+        :meth:`kernel_planned`); the last one before the final adaptation.
+        """
         locate = _inputs.locating()  # re-running a pair that overflowed: check every layer
         if out_full is None:  # keep every layout as it comes (forced full covariances)
             for i, layer in enumerate(self.layers):
                 k = _step(i, layer, k, None, locate)
-            return k
+                yield k
+            return
         for i, (layer, out) in enumerate(zip(self.layers, self._needs(out_full))):
             k = adapt_spatial(k, layer.spatial_requirement(out), layer)
             k = _step(i, layer, k, out, locate)
-        return adapt_spatial(k, out_full, self)
+            yield k
 
 
 def _step(i: int, layer: Layer, k: Any, out: Any, locate: bool) -> Any:

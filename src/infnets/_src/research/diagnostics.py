@@ -180,7 +180,8 @@ def depth_profile(
     r"""Spectra, effective ranks, conditioning and alignment of the kernel after each layer.
 
     The kernel after layer ``i`` of ``stax.serial(l_1, ..., l_D)`` is that of the prefix
-    ``serial(l_1, ..., l_i)`` (evaluated prefix by prefix: ``D`` calls of ``kernel_fn``). The
+    ``serial(l_1, ..., l_i)``, all from one pass (``kernel_fn(..., per_layer=True)``; prefix by
+    prefix when the problem is too large for one tile). The
     collapse of the spectrum with depth (effective rank -> 1, condition number -> inf in the
     ordered phase) is the kernel view of the signal propagation of :mod:`infnets.criticality`
     (Schoenholz et al. 2017; Xiao, Pennington & Schoenholz 2020, "Disentangling trainability
@@ -210,8 +211,11 @@ def depth_profile(
         raise TypeError("depth_profile: network must be a stax.serial(...) of layers.")
     names = tuple(get)
     kernels: dict[str, list[Tensor]] = {g: [] for g in names}
-    for i in range(1, len(layers) + 1):
-        out = serial(*layers[:i]).kernel_fn(x, None, names)
+    try:  # one pass through the network (kernel_fn(..., per_layer=True))
+        outs = network.kernel_fn(x, None, names, per_layer=True)
+    except MemoryError:  # too large for one tile: prefix by prefix, each tiled
+        outs = [serial(*layers[:i]).kernel_fn(x, None, names) for i in range(1, len(layers) + 1)]
+    for out in outs:
         for g in names:
             kernels[g].append(getattr(out, g).to(F64))
     stacked = {g: torch.stack(v) for g, v in kernels.items()}
