@@ -325,8 +325,9 @@ def _dropout(op: Op) -> Any:
     if m.training and m.p > 0:
         raise op.refuse(
             f"dropout (p={m.p}) in training mode makes the examples' outputs depend on "
-            "shared random masks; infnets has no Dropout layer. Call model.eval() first "
-            "(dropout is then the identity)."
+            "shared random masks; call model.eval() first (dropout is then the identity), "
+            f"or write the network with stax.Dropout({1 - m.p:g}, mode='train') for the "
+            "kernel of train-mode dropout."
         )
     first_input(op)
     return ALIAS
