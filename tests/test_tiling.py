@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from infnets import stax
-from infnets._src.evaluate import chunks, tiling
+from infnets._src.evaluate import chunks, input_kernels, tiling
 
 F64 = torch.float64
 
@@ -260,8 +260,9 @@ def test_bad_tiling_arguments():
         net.kernel_fn(x, None, "nngp", batchsize=2)
 
 
-def test_docstring_examples():
-    result = doctest.testmod(tiling, optionflags=doctest.ELLIPSIS, extraglobs={"torch": torch})
+@pytest.mark.parametrize("module", [tiling, input_kernels])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, extraglobs={"torch": torch})
     assert result.failed == 0 and result.attempted > 0
 
 

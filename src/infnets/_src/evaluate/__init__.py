@@ -2,6 +2,7 @@
 
 * :mod:`.tiling`: the entry point behind every ``kernel_fn``: input checks, spatial planning,
   memory-budgeted tiles on a thread pool, assembly of the output;
+* :mod:`.input_kernels`: the first record, the kernel of raw inputs;
 * :mod:`.chunks`: the fully-connected fast path (blocks of pairs, plans fused from the layers'
   declared :class:`~infnets._src.core.protocol.Affine`/``PairMap`` steps) and heap tuning;
 * :mod:`.compiled`: TorchInductor kernels for large convolutional covariances.
