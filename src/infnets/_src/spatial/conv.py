@@ -424,6 +424,33 @@ class ConvFields(Layer):
         cov2 = None if k.cov2 is None else affine(k.cov2, 1)
         return nngp, ntk, affine(k.cov1, 1), cov2
 
+    def affine_output(
+        self,
+        k: Kernel,
+        out_spatial: Sequence[int],
+        covariances: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
+        **changes: Any,
+    ) -> Kernel:
+        """The record after this layer: new covariances, ``out_chan`` channels on the new
+        positions, Gaussian and centred (an affine layer's output), plus ``changes``."""
+        nngp, ntk, cov1, cov2 = covariances
+
+        def shape(s: tuple[int, ...]) -> tuple[int, ...]:
+            return (s[0], self.out_chan) + tuple(out_spatial)
+
+        return k.replace(
+            nngp=nngp,
+            ntk=ntk,
+            cov1=cov1,
+            cov2=cov2,
+            shape1=shape(k.shape1),
+            shape2=shape(k.shape2),
+            is_gaussian=True,
+            last_affine=object(),
+            centred=True,
+            **changes,
+        )
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Conv(ConvFields):
@@ -576,19 +603,6 @@ class Conv(ConvFields):
                 ntk = base if zero else a(ntk, scale=w2f, shift=base)
             else:  # K' + W^2/|F| A(Theta)
                 ntk = nngp if zero else a(ntk, scale=w2f, shift=nngp)
-        out_spatial = tuple(g.out for g in geoms)
-
-        def shape(s: tuple[int, ...]) -> tuple[int, ...]:
-            return (s[0], self.out_chan) + out_spatial
-
-        return k.replace(
-            nngp=nngp,
-            ntk=ntk,
-            cov1=a(k.cov1, 1, w2f, b2),
-            cov2=None if k.cov2 is None else a(k.cov2, 1, w2f, b2),
-            shape1=shape(k.shape1),
-            shape2=shape(k.shape2),
-            is_gaussian=True,
-            last_affine=object(),
-            centred=True,
-        )
+        cov1 = a(k.cov1, 1, w2f, b2)
+        cov2 = None if k.cov2 is None else a(k.cov2, 1, w2f, b2)
+        return self.affine_output(k, [g.out for g in geoms], (nngp, ntk, cov1, cov2))

@@ -209,20 +209,4 @@ class ConvTranspose(ConvFields):
                 t = pair_map(t, n, axis, m) if full else diagonal_map(t, n, axis, m)
             return t
 
-        nngp, ntk, cov1, cov2 = self.affine_covariances(k, a)
-        out_spatial = tuple(g.out for g in geoms)
-
-        def shape(s: tuple[int, ...]) -> tuple[int, ...]:
-            return (s[0], self.out_chan) + out_spatial
-
-        return k.replace(
-            nngp=nngp,
-            ntk=ntk,
-            cov1=cov1,
-            cov2=cov2,
-            shape1=shape(k.shape1),
-            shape2=shape(k.shape2),
-            is_gaussian=True,
-            last_affine=object(),
-            centred=True,
-        )
+        return self.affine_output(k, [g.out for g in geoms], self.affine_covariances(k, a))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infnets._src.core.kernel import Kernel, spatial_diagonal
+from infnets._src.core.kernel import spatial_diagonal
 from infnets._src.core.protocol import KernelTree, Params, ShapeTree
 from infnets._src.spatial.conv import (
     AxisGeometry,
@@ -165,22 +165,10 @@ class ConvLocal(ConvFields):
             nngp, cov1 = embed_diagonal(nngp, lead), embed_diagonal(cov1, 1)
             ntk = None if ntk is None else embed_diagonal(ntk, lead)
             cov2 = None if cov2 is None else embed_diagonal(cov2, 1)
-        out_spatial = tuple(g.out for g in geoms)
-
-        def shape(s: tuple[int, ...]) -> tuple[int, ...]:
-            return (s[0], self.out_chan) + out_spatial
-
-        return Kernel.replace(
+        return self.affine_output(
             k,
-            nngp=nngp,
-            ntk=ntk,
-            cov1=cov1,
-            cov2=cov2,
-            shape1=shape(k.shape1),
-            shape2=shape(k.shape2),
-            is_gaussian=True,
-            last_affine=object(),
-            centred=True,
+            [g.out for g in geoms],
+            (nngp, ntk, cov1, cov2),
             diagonal_spatial=not full_out,
         )
 
