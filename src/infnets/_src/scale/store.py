@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -683,6 +683,24 @@ class _TileFailed(RuntimeError):
     """A tile raised: the message already says that finished tiles are kept."""
 
 
+@contextlib.contextmanager
+def _kept_on_failure(
+    executor: Any, futs: dict[Any, tuple[int, int]], computed: list[tuple[int, int]], who: str
+) -> Iterator[None]:
+    """Turn any failure but a tile's own into "finished tiles are kept, rerun to resume"."""
+    try:
+        yield
+    except _TileFailed:
+        raise
+    except Exception as err:
+        with contextlib.suppress(Exception):
+            executor.cancel(futs)
+        raise RuntimeError(
+            f"{who}: the run stopped ({type(err).__name__}: {err}); the {len(computed)} tiles "
+            "finished by this run are kept, rerun to resume."
+        ) from err
+
+
 def _run_tiles(
     executor: Any,
     spec: _Spec,
@@ -702,89 +720,49 @@ def _run_tiles(
     (closed scheduler, lost connection) alike, becomes a ``RuntimeError`` saying that the
     finished tiles are kept and a rerun resumes.
     """
-    futs: dict[Any, tuple[int, int]] = {}
-    try:
-        _tiles_loop(
-            executor,
-            spec,
-            ks,
-            marked,
-            verify,
-            corrupt,
-            computed,
-            root,
-            progress,
-            on_tile,
-            who,
-            futs,
+    futs: dict[Any, tuple[int, int]] = {}  # futures in flight (cancelled on failure)
+    with _kept_on_failure(executor, futs, computed, who):
+        all_tiles = ks.grid.tiles()
+        if marked and verify:
+            futs.update({executor.submit_verify(spec, i, j): (i, j) for i, j in marked})
+            for f in executor.as_completed(list(futs)):
+                if not f.result():
+                    corrupt.append(futs[f])
+            futs.clear()
+            for t in corrupt:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(_marker_path(root, *t))
+        done = set(marked) - set(corrupt)
+        todo = [t for t in all_tiles if t not in done]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(all_tiles),
+            initial=len(done),
+            unit="tile",
+            desc=f"kernel {root.name}",
+            disable=not progress,
+            dynamic_ncols=True,
         )
-    except _TileFailed:
-        raise
-    except Exception as err:
-        with contextlib.suppress(Exception):
-            executor.cancel(futs)
-        raise RuntimeError(
-            f"{who}: the run stopped ({type(err).__name__}: {err}); the {len(computed)} tiles "
-            "finished by this run are kept, rerun to resume."
-        ) from err
-
-
-def _tiles_loop(
-    executor: Any,
-    spec: _Spec,
-    ks: KernelStore,
-    marked: list[tuple[int, int]],
-    verify: bool,
-    corrupt: list[tuple[int, int]],
-    computed: list[tuple[int, int]],
-    root: Path,
-    progress: bool,
-    on_tile: Callable[[tuple[int, int]], None] | None,
-    who: str,
-    futs: dict[Any, tuple[int, int]],
-) -> None:
-    """The body of :func:`_run_tiles`; ``futs`` holds the futures in flight (to cancel)."""
-    all_tiles = ks.grid.tiles()
-    if marked and verify:
-        futs.update({executor.submit_verify(spec, i, j): (i, j) for i, j in marked})
-        for f in executor.as_completed(list(futs)):
-            if not f.result():
-                corrupt.append(futs[f])
-        futs.clear()
-        for t in corrupt:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(_marker_path(root, *t))
-    done = set(marked) - set(corrupt)
-    todo = [t for t in all_tiles if t not in done]
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=len(all_tiles),
-        initial=len(done),
-        unit="tile",
-        desc=f"kernel {root.name}",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    try:
-        futs.update({executor.submit_tile(spec, i, j): (i, j) for i, j in todo})
-        for f in executor.as_completed(list(futs)):
-            t = futs[f]
-            try:
-                f.result()
-            except Exception as err:
+        try:
+            futs.update({executor.submit_tile(spec, i, j): (i, j) for i, j in todo})
+            for f in executor.as_completed(list(futs)):
+                t = futs[f]
+                try:
+                    f.result()
+                except Exception as err:
+                    executor.cancel(futs)
+                    raise _TileFailed(
+                        f"{who}: tile {t} failed ({type(err).__name__}: {err}); the "
+                        f"{len(computed)} tiles finished by this run are kept, rerun to resume."
+                    ) from err
+                computed.append(t)
+                bar.update(1)
+                if on_tile is not None:
+                    on_tile(t)
+        except BaseException:
+            with contextlib.suppress(Exception):
                 executor.cancel(futs)
-                raise _TileFailed(
-                    f"{who}: tile {t} failed ({type(err).__name__}: {err}); the "
-                    f"{len(computed)} tiles finished by this run are kept, rerun to resume."
-                ) from err
-            computed.append(t)
-            bar.update(1)
-            if on_tile is not None:
-                on_tile(t)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            executor.cancel(futs)
-        raise
-    finally:
-        bar.close()
+            raise
+        finally:
+            bar.close()

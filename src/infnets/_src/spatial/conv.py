@@ -393,6 +393,16 @@ class ConvFields(Layer):
         """Number of spatial axes."""
         return len(self.filter_shape)
 
+    def input_channels(self, in_shape: ShapeTree) -> tuple[int, int, tuple[int, ...]]:
+        """``(N, C_in, spatial)`` of a finite input shape ``(N, C_in, *spatial)``, checked."""
+        if isinstance(in_shape, list):
+            raise ValueError(f"{self!r} received {len(in_shape)} branches; join them first.")
+        check_spatial_rank(len(in_shape), self.ndim, repr(self), in_shape)
+        c_in = in_shape[1]
+        if c_in <= 0:
+            raise ValueError(f"{self!r}: input shape {in_shape} needs a positive channel axis.")
+        return in_shape[0], c_in, tuple(in_shape[2:])
+
     def affine_covariances(
         self, k: Kernel, lin: Callable[[Tensor, int], Tensor]
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
@@ -507,13 +517,8 @@ class Conv(ConvFields):
     def init(
         self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
     ) -> tuple[ShapeTree, Params]:
-        if isinstance(in_shape, list):
-            raise ValueError(f"{self!r} received {len(in_shape)} branches; join them first.")
-        check_spatial_rank(len(in_shape), self.ndim, repr(self), in_shape)
-        c_in = in_shape[1]
-        if c_in <= 0:
-            raise ValueError(f"{self!r}: input shape {in_shape} needs a positive channel axis.")
-        geoms = self.geometry(in_shape[2:])
+        n, c_in, spatial = self.input_channels(in_shape)
+        geoms = self.geometry(spatial)
         n_in = c_in * math.prod(self.filter_shape)
         w = torch.randn(
             (self.out_chan, c_in) + self.filter_shape, generator=gen, dtype=dtype, device=device
@@ -527,7 +532,7 @@ class Conv(ConvFields):
             if self.parameterization == "standard":
                 b = b * float(self.b_std)
             params["b"] = b
-        out = (in_shape[0], self.out_chan) + tuple(g.out for g in geoms)
+        out = (n, self.out_chan) + tuple(g.out for g in geoms)
         return out, params
 
     def apply(self, params: Params, x: Any) -> Any:

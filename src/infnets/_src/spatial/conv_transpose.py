@@ -157,13 +157,8 @@ class ConvTranspose(ConvFields):
     def init(
         self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
     ) -> tuple[ShapeTree, Params]:
-        if isinstance(in_shape, list):
-            raise ValueError(f"{self!r} received {len(in_shape)} branches; join them first.")
-        check_spatial_rank(len(in_shape), self.ndim, repr(self), in_shape)
-        c_in = in_shape[1]
-        if c_in <= 0:
-            raise ValueError(f"{self!r}: input shape {in_shape} needs a positive channel axis.")
-        geoms = self.geometry(in_shape[2:])
+        n, c_in, spatial = self.input_channels(in_shape)
+        geoms = self.geometry(spatial)
         w = torch.randn(
             (c_in, self.out_chan) + self.filter_shape, generator=gen, dtype=dtype, device=device
         )
@@ -174,7 +169,7 @@ class ConvTranspose(ConvFields):
         if self.b_std is not None:
             b = torch.randn((self.out_chan,), generator=gen, dtype=dtype, device=device)
             params["b"] = b * float(self.b_std) if self.parameterization == "standard" else b
-        return (in_shape[0], self.out_chan) + tuple(g.out for g in geoms), params
+        return (n, self.out_chan) + tuple(g.out for g in geoms), params
 
     def apply(self, params: Params, x: Any) -> Any:
         if isinstance(x, list):

@@ -99,13 +99,8 @@ class ConvLocal(ConvFields):
     def init(
         self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
     ) -> tuple[ShapeTree, Params]:
-        if isinstance(in_shape, list):
-            raise ValueError(f"{self!r} received {len(in_shape)} branches; join them first.")
-        check_spatial_rank(len(in_shape), self.ndim, repr(self), in_shape)
-        c_in = in_shape[1]
-        if c_in <= 0:
-            raise ValueError(f"{self!r}: input shape {in_shape} needs a positive channel axis.")
-        out_spatial = tuple(g.out for g in self.geometry(in_shape[2:]))
+        n, c_in, spatial = self.input_channels(in_shape)
+        out_spatial = tuple(g.out for g in self.geometry(spatial))
         w = torch.randn(
             (self.out_chan, c_in) + self.filter_shape + out_spatial,
             generator=gen,
@@ -120,7 +115,7 @@ class ConvLocal(ConvFields):
             b_shape = (self.out_chan,) + out_spatial
             b = torch.randn(b_shape, generator=gen, dtype=dtype, device=device)
             params["b"] = b * float(self.b_std) if self.parameterization == "standard" else b
-        return (in_shape[0], self.out_chan) + out_spatial, params
+        return (n, self.out_chan) + out_spatial, params
 
     def apply(self, params: Params, x: Any) -> Any:
         if isinstance(x, list):
