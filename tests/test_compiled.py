@@ -84,18 +84,88 @@ def test_compiled_kernels_equal_eager(name: str, force_compiled) -> None:  # typ
 def test_compiled_path_is_skipped_where_it_does_not_apply(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Small problems and tensors (auto mode), autograd and INFNETS_COMPILE=0 stay eager."""
+    """Small tensors (auto mode), autograd and INFNETS_COMPILE=0 stay eager."""
     t = torch.zeros(4, 4, dtype=torch.float64)
     big = torch.zeros(compiled.MIN_ENTRIES, dtype=torch.float64)
     monkeypatch.setenv("INFNETS_COMPILE", "auto")
-    assert not compiled.enabled(big)  # outside a large tiled problem
-    with compiled.large_problem(compiled.MIN_TOTAL - 1):
-        assert not compiled.enabled(big)
-    with compiled.large_problem(compiled.MIN_TOTAL):
-        assert not compiled.enabled(t)
-        assert compiled.enabled(big) == (not compiled._BROKEN)
-    assert not compiled.enabled(big)
+    assert not compiled.enabled(t)
+    assert compiled.enabled(big) == (not compiled._BROKEN)
+    assert not compiled.enabled(big.clone().requires_grad_())
     monkeypatch.setenv("INFNETS_COMPILE", "1")
+    assert compiled.enabled(t) == (not compiled._BROKEN)
     assert not compiled.enabled(t.clone().requires_grad_())
     monkeypatch.setenv("INFNETS_COMPILE", "0")
     assert not compiled.enabled(big)
+
+
+@pytest.fixture
+def fresh_state(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Empty compiled-kernel registries for one test (the process's are put back after)."""
+    for name in ("_CACHE", "_SEEN"):
+        monkeypatch.setattr(compiled, name, {})
+    monkeypatch.setattr(compiled, "_QUEUED", set())
+    return compiled
+
+
+def test_default_compiles_in_the_background_and_matches_eager(
+    monkeypatch: pytest.MonkeyPatch, fresh_state
+) -> None:  # type: ignore[no-untyped-def]
+    """Auto mode: calls never compile; a repeated pattern is compiled by the worker thread.
+
+    The first call runs eager while the pattern is queued; after :func:`compiled.wait`
+    the same call runs the compiled kernels, equal to eager to float64 round-off, and
+    every compilation happened on the ``infnets-compile`` thread.
+    """
+    net = NETS["gap"]()
+    x = torch.randn(10, 2, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("INFNETS_COMPILE", "0")
+    eager = net.kernel_fn(x, None, ("nngp", "ntk"), batch_size=5, progress=False)
+    monkeypatch.setenv("INFNETS_COMPILE", "auto")
+    monkeypatch.setattr(compiled, "MIN_ENTRIES", 1)
+    monkeypatch.setattr(compiled, "MIN_TOTAL", 1)  # every pattern pays at once
+    threads: list[str] = []
+    real = compiled._compile
+
+    def spy(fn, n):  # type: ignore[no-untyped-def]
+        threads.append(__import__("threading").current_thread().name)
+        return real(fn, n)
+
+    monkeypatch.setattr(compiled, "_compile", spy)
+    first = net.kernel_fn(x, None, ("nngp", "ntk"), batch_size=5, progress=False)
+    assert compiled.pending() > 0 or compiled._CACHE  # queued, not compiled by the call
+    assert compiled.wait(timeout=600)
+    assert not compiled._BROKEN, compiled._BROKEN
+    assert compiled._CACHE and set(threads) == {"infnets-compile"}
+    fast = net.kernel_fn(x, None, ("nngp", "ntk"), batch_size=5, progress=False)
+    for k in (first, fast):
+        torch.testing.assert_close(k.nngp, eager.nngp, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(k.ntk, eager.ntk, rtol=1e-12, atol=1e-13)
+
+
+def test_background_compiler_matches_the_callers_thread_count() -> None:
+    """The worker sets its own OpenMP thread count only: other threads keep theirs."""
+    import threading
+
+    before = torch.get_num_threads()
+    seen: list[tuple[bool, int]] = []
+
+    def worker() -> None:
+        target = 1 if before > 1 else 2
+        seen.append((compiled._openmp_threads(target), target))
+        seen.append((True, torch.get_num_threads()))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    (ok, target), (_, now) = seen
+    if ok:
+        assert now == target
+    assert torch.get_num_threads() == before
+
+
+def test_wait_times_out_while_work_is_pending(fresh_state) -> None:  # type: ignore[no-untyped-def]
+    compiled._QUEUED.add("never-finishes")
+    assert compiled.pending() == 1
+    assert compiled.wait(timeout=0.05) is False
+    compiled._QUEUED.clear()
+    assert compiled.wait(timeout=0.05) is True

@@ -17,26 +17,43 @@ the two hot spots are compiled by TorchInductor into one loop nest each:
 They are kept separate on purpose: fusing the activation into the convolution's
 stencil would recompute it once per filter offset.
 
-Used only where it pays and is safe: tiled problems of at least
-:data:`MIN_TOTAL` covariance entries per layer (e.g. the 1797 8x8 digits with
-pooling: 6.6e9), CPU tensors of at least :data:`MIN_ENTRIES` entries, no
-autograd, zero padding, and ``torch.compile`` working on this machine (a C++
-compiler). The first use of each shape pattern
-compiles (seconds; cached on disk by TorchInductor across processes). Any failure
-disables the path for the process with a warning, and the eager code runs with
-the same results. ``INFNETS_COMPILE=0`` disables it; ``INFNETS_COMPILE=1`` also
-allows it below the size threshold, like ``jax.jit`` (for many calls on smaller
-problems: 128 8x8 images with pooling, 1.57 s eager, 0.74 s per call once compiled).
+Used where it pays and is safe, without flags (like ``jax.jit``, but never making a
+call wait for the compiler):
+
+* **where it pays**: a kernel pattern (the layer's hyper-parameters and the exact
+  shapes, strides and dtypes of its tensors) is compiled once the calls of that pattern
+  have processed :data:`MIN_TOTAL` covariance entries in this process (e.g. the first
+  call on 128 pooled 8x8 images, 3.4e7 entries per layer; never the small kernels of a
+  test suite), on CPU tensors of at least :data:`MIN_ENTRIES` entries, without autograd,
+  zero padding only;
+* **in the background**: the pattern is queued for one low-priority worker thread that
+  compiles it while the calls go on with the eager code; every call after the compiled
+  kernel is ready uses it. The first call therefore costs what eager costs (plus the
+  sharing of the CPU with the compiler), never the compilation itself;
+* **cached on disk**: TorchInductor's FX-graph and AOT caches (``TORCHINDUCTOR_CACHE_DIR``,
+  by default under the system temporary directory) keep compiled kernels across
+  processes: a new process re-compiles a known pattern in ~1 s instead of 5-15 s.
+
+Any compiler failure (e.g. no C++ compiler) disables the path for the process with a
+warning, and the eager code runs with the same results. ``INFNETS_COMPILE`` chooses:
+``auto`` (the default, above), ``0`` (never compile), ``1`` (compile every eligible
+pattern, small ones too, on its second use and *in* the calling thread: the call
+waits, as with ``jax.jit``; for tests and for many calls on small problems).
+:func:`wait` blocks until the background compilations queued so far are done
+(benchmarks use it to time the steady state).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import queue
 import threading
+import time
 import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,53 +62,75 @@ from torch import Tensor
 
 from infnets._src.core.kernel import memory_order
 
-__all__ = ["MIN_ENTRIES", "MIN_TOTAL", "conv_pair", "enabled", "large_problem", "pair_map"]
+__all__ = [
+    "MIN_ENTRIES",
+    "MIN_TOTAL",
+    "conv_pair",
+    "enabled",
+    "pair_map",
+    "pending",
+    "wait",
+]
 
 #: smallest covariance (entries of one tensor) worth a compiled kernel
 MIN_ENTRIES = 1 << 18
-#: smallest problem (covariance entries per layer over all tiles) worth compiling
-MIN_TOTAL = 1 << 30
-_LARGE = [0]
+#: covariance entries a pattern must have processed (eagerly, in this process) before
+#: it is compiled in the background
+MIN_TOTAL = 1 << 25
+#: nice value of the background compiler thread (Linux; elsewhere it runs at normal priority)
+WORKER_NICE = 0
 
 _LOCK = threading.Lock()
 _COMPILING = threading.Lock()
 #: most shape patterns compiled per process (each costs seconds the first time)
 MAX_VARIANTS = 32
-#: uses of a shape pattern that run eager before it is compiled
+#: with ``INFNETS_COMPILE=1``, uses of a shape pattern that run eager before it is compiled
 COMPILE_AFTER = 1
 _CACHE: dict[Any, Callable[..., Any]] = {}
 _SEEN: dict[Any, int] = {}
 _BROKEN: list[str] = []
+_QUEUED: set[Any] = set()
+_JOBS: queue.Queue[tuple[Any, Callable[[], Callable[..., Any]], list[Any]]] = queue.Queue()
+_WORKER: list[threading.Thread] = []
+
+
+def _setting() -> str:
+    return os.environ.get("INFNETS_COMPILE", "auto")
 
 
 def enabled(t: Tensor) -> bool:
-    """Whether the compiled kernels should handle covariance ``t``.
+    """Whether the compiled kernels may handle covariance ``t``.
 
-    Automatically only inside :func:`large_problem` (a tiled computation big
-    enough to repay seconds of compilation) and for tensors of at least
-    :data:`MIN_ENTRIES` entries.
+    CPU tensors without autograd of at least :data:`MIN_ENTRIES` entries (any size with
+    ``INFNETS_COMPILE=1``), unless compilation is off or failed in this process.
     """
-    setting = os.environ.get("INFNETS_COMPILE", "auto")
+    setting = _setting()
     if setting == "0" or _BROKEN or t.device.type != "cpu" or t.requires_grad:
         return False
-    return setting == "1" or (_LARGE[0] > 0 and t.numel() >= MIN_ENTRIES)
+    return setting == "1" or t.numel() >= MIN_ENTRIES
 
 
-@contextlib.contextmanager
-def large_problem(entries: int) -> Iterator[None]:
-    """Allow the compiled kernels while computing ``entries`` covariance entries per layer.
-
-    Below :data:`MIN_TOTAL` entries the eager code is used: compiling would cost
-    more than it saves.
-    """
-    on = entries >= MIN_TOTAL
+def pending() -> int:
+    """Number of kernel patterns queued or being compiled in the background."""
     with _LOCK:
-        _LARGE[0] += on
-    try:
-        yield
-    finally:
-        with _LOCK:
-            _LARGE[0] -= on
+        return len(_QUEUED)
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Block until the background compilations queued so far are finished.
+
+    Args:
+        timeout: seconds to wait at most (``None``: no limit).
+
+    Returns:
+        ``True`` when nothing is left to compile, ``False`` on timeout.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending():
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _signature(args: Sequence[Any]) -> tuple[Any, ...]:
@@ -109,55 +148,153 @@ def _own_code(fn: Callable[..., Any], n: int) -> Callable[..., Any]:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
-    """Run the compiled function ``key`` for these argument shapes; ``None`` to run eager.
+def _compile(fn: Callable[..., Any], threads: int) -> Callable[..., Any]:
+    """A static compilation of ``fn`` whose loops use ``threads`` OpenMP threads."""
+    # cpp_wrapper: the generated C++ entry point releases the GIL, so tiles on several
+    # threads run compiled kernels side by side (the default Python wrapper holds it for
+    # the whole kernel); cpp.threads: the thread count of the calls that will use it,
+    # not of the thread that happens to compile it
+    return torch.compile(
+        fn,
+        dynamic=False,
+        fullgraph=True,
+        options={"cpp_wrapper": True, "cpp.threads": threads},
+    )
 
-    Every shape pattern gets its own static compilation (tiles repeat a few
-    shapes; static shapes vectorise best). A pattern is compiled once it has been
-    seen :data:`COMPILE_AFTER` times, so one-off shapes (edge tiles, probes) stay
-    eager, and at most :data:`MAX_VARIANTS` patterns are compiled per process.
+
+def _example(spec: Any) -> Any:
+    """An input like the one described by ``spec`` (values are irrelevant to compiling)."""
+    if not isinstance(spec, tuple) or spec[:1] != ("tensor",):
+        return spec
+    _, shape, stride, dtype = spec
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True) if n > 0)
+    return torch.ones(size, dtype=dtype).as_strided(shape, stride)
+
+
+def _spec(a: Any) -> Any:
+    if isinstance(a, Tensor):
+        return ("tensor", tuple(a.shape), a.stride(), a.dtype)
+    return a
+
+
+def _fail(err: BaseException) -> None:
+    _BROKEN.append(repr(err))
+    warnings.warn(
+        "infnets: torch.compile failed for a convolutional covariance kernel; using the "
+        f"eager implementation from now on (same results, slower). Cause: {err!r:.300}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _openmp_threads(n: int) -> bool:
+    """Give the calling thread ``n`` OpenMP threads without touching other threads.
+
+    ``torch.set_num_threads`` also changes the count that threads started later
+    inherit; ``omp_set_num_threads`` of the OpenMP runtime torch loaded changes only
+    the caller's. TorchDynamo guards compiled code on the thread count, so the
+    background compiler must see the count of the threads that will call the code.
     """
-    full_key = (key, _signature(args))
+    if torch.get_num_threads() == n:  # also initialises this thread's setting
+        return True
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]}
+        for path in sorted(p for p in paths if p.startswith("/") and ".so" in p):
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(path).omp_set_num_threads(ctypes.c_int(n))
+    return torch.get_num_threads() == n
+
+
+def _worker() -> None:
+    """Compile queued patterns one after another (a daemon thread)."""
+    with contextlib.suppress(AttributeError, OSError):  # Linux: a thread is a task
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+    while True:
+        full_key, build, specs = _JOBS.get()
+        _, _, threads, grad = full_key
+        try:
+            # compiled under the callers' global state (thread count, grad mode), which
+            # TorchDynamo guards on; a pattern that cannot match it stays eager
+            if not _BROKEN and full_key not in _CACHE and _openmp_threads(threads):
+                raw = _own_code(build(), len(_CACHE) + len(_QUEUED))
+                with torch.set_grad_enabled(grad):
+                    _compile(raw, threads)(*[_example(s) for s in specs])  # compiles here
+                # callers only run the code compiled here: never a compilation of their
+                # own (on a guard miss the Python function runs, eagerly)
+                _CACHE[full_key] = torch._dynamo.run(raw)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+            _fail(err)
+        finally:
+            with _LOCK:
+                _QUEUED.discard(full_key)
+
+
+def _enqueue(full_key: Any, build: Callable[[], Callable[..., Any]], args: Sequence[Any]) -> None:
+    """Queue ``full_key`` for the background compiler (caller holds ``_LOCK``)."""
+    _QUEUED.add(full_key)
+    _JOBS.put((full_key, build, [_spec(a) for a in args]))
+    if not _WORKER:
+        # a daemon: a process that ends while a pattern compiles does not wait for it
+        thread = threading.Thread(target=_worker, name="infnets-compile", daemon=True)
+        thread.start()
+        _WORKER.append(thread)
+
+
+def _covariance_entries(args: Sequence[Any]) -> int:
+    return max((a.numel() for a in args if isinstance(a, Tensor)), default=0)
+
+
+def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
+    """Run the compiled function ``key`` for these arguments; ``None`` to run eager.
+
+    Every pattern (``key`` plus the arguments' shapes, strides and dtypes, plus the
+    torch thread count) gets its own static compilation: tiles repeat a few shapes,
+    and static shapes vectorise best. At most :data:`MAX_VARIANTS` patterns are
+    compiled per process. In ``auto`` mode a pattern is queued for the background
+    compiler once it has processed :data:`MIN_TOTAL` entries; with
+    ``INFNETS_COMPILE=1`` it is compiled here, in the caller, on its second use (one
+    compilation at a time: other tile threads go on eagerly meanwhile).
+    """
+    threads = torch.get_num_threads()
+    full_key = (key, _signature(args), threads, torch.is_grad_enabled())
     fn = _CACHE.get(full_key)
-    if fn is None:
-        with _LOCK:
-            seen = _SEEN.get(full_key, 0)
-            _SEEN[full_key] = seen + 1
-            if seen < COMPILE_AFTER or len(_CACHE) >= MAX_VARIANTS:
-                return None
+    if fn is not None:
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001
+            _fail(err)
+            return None
+    background = _setting() != "1"
+    with _LOCK:
+        if full_key in _QUEUED or len(_CACHE) + len(_QUEUED) >= MAX_VARIANTS:
+            return None
+        if background:
+            seen = _SEEN.get(full_key, 0) + _covariance_entries(args)
+            _SEEN[full_key] = seen
+            if seen >= MIN_TOTAL:
+                _enqueue(full_key, build, args)
+            return None
+        seen = _SEEN.get(full_key, 0)
+        _SEEN[full_key] = seen + 1
+        if seen < COMPILE_AFTER:
+            return None
+    # INFNETS_COMPILE=1: compile in this thread, one compilation at a time
+    if not _COMPILING.acquire(blocking=False):
+        return None
     try:
+        fn = _CACHE.get(full_key)
         if fn is None:
-            # one compilation at a time; meanwhile other tile threads run eager
-            # instead of waiting for it (seconds per kernel)
-            if not _COMPILING.acquire(blocking=False):
-                return None
-            try:
-                fn = _CACHE.get(full_key)
-                if fn is None:
-                    # cpp_wrapper: the generated C++ entry point releases the GIL, so
-                    # tiles on several threads run compiled kernels side by side (the
-                    # default Python wrapper holds it for the whole kernel)
-                    fn = torch.compile(
-                        _own_code(build(), len(_CACHE)),
-                        dynamic=False,
-                        fullgraph=True,
-                        options={"cpp_wrapper": True},
-                    )
-                    out = fn(*args)  # compiles here
-                    _CACHE[full_key] = fn
-                    return out
-            finally:
-                _COMPILING.release()
+            fn = _compile(_own_code(build(), len(_CACHE)), threads)
+            out = fn(*args)  # compiles here
+            _CACHE[full_key] = fn
+            return out
         return fn(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
-        _BROKEN.append(repr(err))
-        warnings.warn(
-            "infnets: torch.compile failed for a convolutional covariance kernel; using the "
-            f"eager implementation from now on (same results, slower). Cause: {err!r:.300}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _fail(err)
         return None
+    finally:
+        _COMPILING.release()
 
 
 def _in_order(x: Tensor, order: list[int], inverse: list[int]) -> Tensor:
