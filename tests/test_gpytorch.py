@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 gpytorch = pytest.importorskip("gpytorch")
 
 from infnets import predict, stax  # noqa: E402
+from infnets._src.layers import hyper as lh  # noqa: E402
 from infnets.gpytorch import InfiniteWidthKernel  # noqa: E402
 
 DT = torch.float64
@@ -207,7 +210,7 @@ def test_per_batch_variances(kernel_calls):
     with torch.no_grad():
         kernel_calls.clear()
         k = kernel(x).to_dense()
-        assert len(kernel_calls) == 2  # one pass per set of variances
+        assert len(kernel_calls) == 1  # both sets of variances in one pass
         kd = kernel(x, diag=True)
         k2 = kernel(x[0]).to_dense()  # (2, 6, 2): one input set per GP
     assert k.shape == (3, 2, 6, 6) and kd.shape == (3, 2, 6) and k2.shape == (2, 6, 6)
@@ -229,3 +232,123 @@ def test_per_batch_variances(kernel_calls):
     assert loss.shape == (2,)
     loss.sum().backward()
     assert kernel.raw_W_var.grad.shape == (2,) and bool(torch.all(kernel.raw_W_var.grad != 0))
+
+
+def _archs():
+    d = stax.Dense
+    return {
+        "erf-relu": _net(),
+        "standard-gelu": stax.serial(
+            d(8, 1.0, 0.1, parameterization="standard"), stax.Gelu(),
+            d(1, 1.0, 0.1, parameterization="standard"),
+        ),
+        "no-bias": stax.serial(d(8, 1.5), stax.ABRelu(-0.5, 1.0), d(1, 1.5)),
+        "branches-dropout": stax.serial(
+            stax.FanOut(2),
+            stax.parallel(stax.serial(d(8, 1.1, 0.1), stax.Relu()), d(8, 1.1, 0.1)),
+            stax.FanInSum(), stax.Dropout(0.8), d(8, 1.1, 0.1), stax.Sin(), d(1, 1.1, 0.1),
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+@pytest.mark.parametrize("arch", ["erf-relu", "standard-gelu", "no-bias", "branches-dropout"])
+def test_per_batch_variances_are_one_pass_and_match_each_entry(arch, get, kernel_calls):
+    """batch_shape (2, 3): six sets of variances, two input sets each, one kernel pass;
+    values and the gradients of the raw variances equal each entry computed alone."""
+    g = torch.Generator().manual_seed(3)
+    shape = torch.Size([2, 3])
+    kernel = InfiniteWidthKernel(_archs()[arch], get=get, batch_shape=shape).to(DT)
+    kernel.W_var = 0.5 + 2 * torch.rand(shape, generator=g, dtype=DT)
+    if kernel.has_bias:
+        kernel.b_var = 0.3 * torch.rand(shape, generator=g, dtype=DT)
+    x = torch.randn(2, *shape, 17, 3, generator=g, dtype=DT)  # 17: packed per input set
+    z = torch.randn(*shape, 5, 3, generator=g, dtype=DT)
+    weights = [torch.randn(2, *shape, 17, n, generator=g, dtype=DT) for n in (17, 5)]
+    raw = [p for _, p in kernel.named_parameters()]
+
+    kernel_calls.clear()
+    k = kernel(x).to_dense()
+    assert len(kernel_calls) == 1  # not one per set of variances (or per input set)
+    kxz = kernel(x, z).to_dense()
+    kd = kernel(x, diag=True)
+    kd2 = kernel(x[..., :5, :], z, diag=True)
+    assert len(kernel_calls) == 4
+    assert k.shape == (2, 2, 3, 17, 17) and kxz.shape == (2, 2, 3, 17, 5)
+    assert kd.shape == (2, 2, 3, 17) and kd2.shape == (2, 2, 3, 5)
+    loss = (k * weights[0]).sum() + (kxz * weights[1]).sum() + kd.sum() + kd2.sum()
+    grads = torch.autograd.grad(loss, raw)
+
+    ref_loss = 0.0
+    for i in range(2):
+        for b in itertools.product(range(2), range(3)):
+            layer = kernel.layer(*b)  # this entry's variances, differentiable
+            want = layer.kernel_fn(x[(i, *b)], None, get)
+            cross = layer.kernel_fn(x[(i, *b)], z[b], get)
+            got = (k[(i, *b)], kxz[(i, *b)], kd[(i, *b)], kd2[(i, *b)])
+            wanted = (want, cross, want.diagonal(), cross[:5].diagonal())
+            for u, v in zip(got, wanted):
+                torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+            ref_loss = ref_loss + (want * weights[0][(i, *b)]).sum()
+            ref_loss = ref_loss + (cross * weights[1][(i, *b)]).sum()
+            ref_loss = ref_loss + want.diagonal().sum() + cross[:5].diagonal().sum()
+    ref_grads = torch.autograd.grad(ref_loss, raw)
+    for grad, ref in zip(grads, ref_grads):
+        assert grad.shape == shape and bool(torch.all(grad != 0))
+        # summed gradients: a sum of large terms of both signs (arc-cosine derivatives at
+        # correlations near 1), whose order of summation alone (even a permutation of the
+        # points of one set) moves the NTK's by ~1e-10 relative; elementwise below
+        torch.testing.assert_close(grad, ref, rtol=1e-8, atol=0)
+
+    # every kernel value's derivative in every raw variance: batched vs each entry alone
+    names = [n for n, _ in kernel.named_parameters()]
+    flat = torch.cat([q.detach().reshape(-1) for q in raw])
+
+    def with_raw(fn):
+        def call(p):
+            values = dict(zip(names, p.reshape(len(names), *shape)))
+            return torch.func.functional_call(
+                _Eval(kernel, fn), {f"kernel.{n}": v for n, v in values.items()}, ()
+            )
+
+        return call  # fmt: skip
+
+    sym = lambda kern: kern.forward(x[0], x[0])
+    crs = lambda kern: kern.forward(x[1], z)
+    for fn, data in ((sym, x[0]), (crs, x[1])):
+        _, jac = lh.kernel_jacobian(with_raw(fn), flat)  # (2, 3, 17, N2, P)
+        jac = jac.reshape(*jac.shape[:-1], len(names), *shape)
+        for b in itertools.product(range(2), range(3)):
+            other = z[b] if fn is crs else None
+            xb = data[b]
+            one = with_raw(lambda kern, b=b, xb=xb, o=other: kern.layer(*b).kernel_fn(xb, o, get))
+            _, ref = lh.kernel_jacobian(one, flat)
+            ref = ref.reshape(*ref.shape[:-1], len(names), *shape)
+            # entry b depends on its own variances only
+            torch.testing.assert_close(jac[b], ref, rtol=1e-12, atol=1e-12 * ref.abs().max().item())
+
+
+class _Eval(torch.nn.Module):
+    def __init__(self, kernel, fn):
+        super().__init__()
+        self.kernel, self.fn = kernel, fn
+
+    def forward(self):
+        return self.fn(self.kernel)
+
+
+def test_per_batch_variances_images_and_checks():
+    """Images (input_shape) with a batch_shape: each entry with its own variances."""
+    net = stax.serial(stax.Conv(4, (3, 3), W_std=1.2, b_std=0.1, padding="SAME"), stax.Relu(),
+                      stax.Flatten(), stax.Dense(1, W_std=1.2, b_std=0.1))  # fmt: skip
+    kernel = InfiniteWidthKernel(net, input_shape=(1, 4, 4), batch_shape=torch.Size([2])).to(DT)
+    kernel.W_var = torch.tensor([1.0, 2.0], dtype=DT)
+    x = torch.randn(2, 3, 16, dtype=DT)
+    with torch.no_grad():
+        k = kernel(x).to_dense()
+        for b in range(2):
+            want = kernel.layer(b).kernel_fn(x[b].reshape(3, 1, 4, 4), None, "nngp")
+            torch.testing.assert_close(k[b], want, rtol=1e-12, atol=1e-14)
+    # (G,) standard deviations are accepted only inside hyper_batch (G)
+    with pytest.raises(ValueError, match="must be a scalar"):
+        stax.Dense(1, W_std=torch.tensor([1.0, 2.0]))

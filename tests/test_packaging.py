@@ -83,3 +83,63 @@ def test_metadata() -> None:
         name = name.split("[")[0]
         assert name in pins and version(pins[name]) == version(floor.strip()), dep
     assert (ROOT / "CHANGELOG.md").is_file()
+
+
+#: what the test suite reads besides the package (see MANIFEST.in)
+SDIST_NEEDS = (
+    "README.md",
+    "CHANGELOG.md",
+    "LICENSE",
+    "pyproject.toml",
+    "mkdocs.yml",
+    ".ci/run",
+    ".ci/min-requirements.txt",
+    "benchmarks/README.md",
+    "benchmarks/RESULTS.md",
+    "tests/conftest.py",
+    "tests/helpers.py",
+    "tests/attention_mc.py",
+    "src/infnets/py.typed",
+)
+#: never worth shipping
+SDIST_SKIP = {".git", ".venv", "build", "dist", "site", "__pycache__", ".mypy_cache",
+              ".ruff_cache", ".pytest_cache", "notes"}  # fmt: skip
+
+
+def test_sdist_contains_what_the_tests_read(tmp_path: Path) -> None:
+    """``python -m build --sdist`` (no isolation: the installed setuptools, no download)
+    ships the tests, their helpers and every repository file they read."""
+    pytest.importorskip("build")
+    setuptools = pytest.importorskip("setuptools")
+    version = pytest.importorskip("packaging.version").Version
+    if version(setuptools.__version__) < version("77"):
+        pytest.skip(f"setuptools {setuptools.__version__} < 77, the build-system floor")
+    import shutil
+    import tarfile
+
+    tree = tmp_path / "tree"
+    shutil.copytree(
+        ROOT,
+        tree,
+        ignore=lambda d, names: [
+            n for n in names if n in SDIST_SKIP or n.endswith((".egg-info", ".zarr", ".nt-venv"))
+        ],
+        symlinks=True,
+    )
+    cmd = [sys.executable, "-m", "build", "--sdist", "--no-isolation",
+           "--skip-dependency-check", "-o", str(tmp_path / "dist"), str(tree)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    missing = [n for n in SDIST_NEEDS if n not in names]
+    for folder in ("tests", "docs", "examples"):
+        present = {
+            str(p.relative_to(ROOT))
+            for p in (ROOT / folder).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        }
+        missing += sorted(present - names)
+    assert not missing, f"the sdist lacks {missing}"
+    assert not any(n.startswith(("notes/", ".git/")) for n in names)

@@ -41,6 +41,7 @@ except ImportError as err:  # pragma: no cover - exercised without the extra
         "infnets.gpytorch needs GPyTorch: pip install 'infnets[gpytorch]' (or gpytorch)."
     ) from err
 
+from infnets._src.core import inputs
 from infnets._src.ecosystem.batched import batched_kernel
 from infnets._src.layers import hyper as lh
 from infnets._src.layers.base import Layer
@@ -71,10 +72,13 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
     of the kernel maps, no Python loop (all wanted pairs of all batches form one packed
     kernel record: :func:`infnets._src.ecosystem.batched.batched_kernel`). With
     ``batch_shape=(B,)`` (e.g. one GP per task) ``W_var``/``b_var`` have shape ``(B,)``,
-    one pair of variances per batch entry; each of the ``B`` sets of variances is then
-    one such pass over its inputs (a loop over the ``B`` hyper-parameter sets, since
-    the layers take scalar standard deviations). Inputs reshaped to images
-    (``input_shape``) are looped over per batch entry.
+    one pair of variances per batch entry, and all ``B`` sets of variances still go
+    through one pass: the packed record gets a trailing axis of length ``B`` on which
+    the ``(B,)`` standard deviations broadcast (each pair is computed for its own batch
+    entry only), so autograd reaches every raw variance through that one pass. Inputs
+    reshaped to images (``input_shape``) are evaluated one input set per kernel call,
+    and with a ``batch_shape`` one set of variances at a time: the trailing axis is
+    fully connected only.
 
     ``W_var`` and ``ScaleKernel``: the readout layer multiplies the kernel by ``W_var``,
     so ``ScaleKernel(InfiniteWidthKernel(...))`` has overlapping parameters. For an
@@ -276,19 +280,43 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
             a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
             out = self._batch(self.layer(), a, b, same, diag)
             return out.reshape(*batch, *out.shape[1:])
-        # one pass per set of variances: batch_shape axes first, the other batch axes within
+        # batch_shape axes first (G = prod(batch_shape) sets of variances), the other batch
+        # axes within (L input sets per set of variances): one pass for all G * L sets
         lead = len(batch) - nb
         order = list(range(lead, len(batch))) + list(range(lead))
         a = a.permute(*order, a.ndim - 2, a.ndim - 1)
         b = b.permute(*order, b.ndim - 2, b.ndim - 1)
-        outs = []
-        for index in itertools.product(*(range(s) for s in self.batch_shape)):
-            ai = a[index].reshape(-1, *a.shape[-2:])
-            bi = b[index].reshape(-1, *b.shape[-2:])
-            outs.append(self._batch(self.layer(*index), ai, bi, same, diag))
-        out = torch.stack(outs).reshape(*self.batch_shape, *batch[:lead], *outs[0].shape[1:])
+        groups = self.batch_shape.numel()
+        a = a.reshape(groups, -1, *a.shape[-2:])
+        b = b.reshape(groups, -1, *b.shape[-2:])
+        if self.input_shape is None:
+            out = self._grouped(a, b, same, diag)
+        else:
+            # images: the trailing group axis of batched_kernel's records is fully
+            # connected only; one pass per set of variances (see the class docstring)
+            layers = [self.layer(*i) for i in itertools.product(*map(range, self.batch_shape))]
+            out = torch.stack([self._batch(lay, a[i], b[i], same, diag)
+                               for i, lay in enumerate(layers)])  # fmt: skip
+        out = out.reshape(*self.batch_shape, *batch[:lead], *out.shape[2:])
         back = list(range(nb, nb + lead)) + list(range(nb))
         return out.permute(*back, *range(len(batch), out.ndim))
+
+    def _grouped(self, a: Tensor, b: Tensor, same: bool, diag: bool) -> Tensor:
+        """``(G, L, N1, N2)`` (or ``(G, L, N1)``) kernels of ``G`` groups of ``L`` input sets,
+        group ``g`` with the ``g``-th variances (flattened ``batch_shape``): one pass of the
+        kernel maps, the variances as ``(G,)`` tensors (:func:`inputs.hyper_batch`)."""
+        if diag and not same and a.shape[-2] != b.shape[-2]:
+            raise RuntimeError("InfiniteWidthKernel: diag=True needs x1 and x2 of equal size.")
+        groups = a.shape[0]
+        b_var = self.b_var
+        with inputs.hyper_batch(groups):
+            layer = lh.build_layer(
+                self.layer_spec,
+                self.W_var.reshape(groups).sqrt(),
+                None if b_var is None else b_var.reshape(groups).sqrt(),
+                "InfiniteWidthKernel",
+            )
+            return batched_kernel(layer, a, None if same else b, self.get, diag)
 
     def _batch(self, layer: Layer, a: Tensor, b: Tensor, same: bool, diag: bool) -> Tensor:
         """``(L, N1, N2)`` (or ``(L, N1)``) kernels of ``L`` input sets with shared variances."""
@@ -296,7 +324,10 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
             if diag and not same and a.shape[-2] != b.shape[-2]:
                 raise RuntimeError("InfiniteWidthKernel: diag=True needs x1 and x2 of equal size.")
             return batched_kernel(layer, a, None if same else b, self.get, diag)
-        # images: the packed record is fully connected only; one call per input set
+        # images: one kernel_fn call per input set. Not a loop over data points but over
+        # whole problems: batched_kernel's packed record (only the pairs within each set)
+        # is fully connected, and one call on the concatenated sets would compute every
+        # cross-set pixel-pair covariance too, L times the work and memory of these calls.
         return torch.stack([self._single(layer, a[i], a[i] if same else b[i], diag)
                             for i in range(a.shape[0])])  # fmt: skip
 
@@ -309,9 +340,13 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
             b = lh.reshape_inputs(x2, self.input_shape, "InfiniteWidthKernel")
             if a.shape[0] != b.shape[0]:
                 raise RuntimeError("InfiniteWidthKernel: diag=True needs x1 and x2 of equal size.")
+            # k(x1_i, x2_i) of images: 128 x 128 blocks along the diagonal, whose diagonals
+            # are the wanted values. A chunking loop bounding work and memory to O(N 128)
+            # pairs (the full N x N matrix would be O(N^2)); every row is in one block.
+            step = lh.DIAG_BLOCK
             parts = [
-                lh.kernel_matrix(layer, a[lo : lo + 128], b[lo : lo + 128], self.get).diagonal()
-                for lo in range(0, a.shape[0], 128)
+                lh.kernel_matrix(layer, a[lo : lo + step], b[lo : lo + step], self.get).diagonal()
+                for lo in range(0, a.shape[0], step)
             ]
             return torch.cat(parts)
         b2 = None if same else lh.reshape_inputs(x2, self.input_shape, "InfiniteWidthKernel")

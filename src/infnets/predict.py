@@ -15,6 +15,11 @@ Its predictions are therefore closed-form functions of the kernels:
   optional momentum, by integrating the function-space ODE;
 * :func:`max_learning_rate` — the largest stable step size.
 
+The factories return closures typed by protocols whose overloads state what each call
+returns (:class:`GPPredictFn`, :class:`MSEPredictFn`, :class:`ODEPredictFn`,
+:class:`EnsemblePredictFn`): a ``Tensor`` mean, a :class:`Gaussian` when covariances are
+asked for, ``(train, test)`` outputs, or named tuples of those for several names in ``get``.
+
 Conventions shared by all of them:
 
 * the MSE loss is ``L = 1/2 sum (f - y)^2`` (a sum over examples and outputs) and
@@ -38,9 +43,21 @@ from infnets._src.predict.mse import (
     max_learning_rate,
 )
 from infnets._src.predict.ode import gradient_descent
+from infnets._src.predict.types import (
+    EnsemblePredictFn,
+    GPPredictFn,
+    KernelInput,
+    MSEPredictFn,
+    ODEPredictFn,
+)
 
 __all__ = [
+    "EnsemblePredictFn",
+    "GPPredictFn",
     "Gaussian",
+    "KernelInput",
+    "MSEPredictFn",
+    "ODEPredictFn",
     "gp_inference",
     "gradient_descent",
     "gradient_descent_mse",

@@ -135,13 +135,21 @@ def check_std(
 ) -> float | Tensor | None:
     """Check a standard deviation hyper-parameter is a finite number >= 0.
 
-    A scalar tensor is returned as it is (kept as a tensor for autograd).
+    A scalar tensor is returned as it is (kept as a tensor for autograd). Within
+    :func:`hyper_batch` ``(G)`` a ``(G,)`` tensor is accepted too (one value per entry of
+    the kernel records' trailing hyper-parameter axis).
     """
     if value is None:
         if allow_none:
             return None
         raise ValueError(f"{name} must be a number >= 0, got None.")
     if isinstance(value, Tensor):
+        size = getattr(_HYPER_BATCH, "size", None)
+        if size is not None and value.shape == (size,):
+            bad = value.detach()
+            if not bool(torch.isfinite(bad).all()) or bool((bad < 0).any()):
+                raise ValueError(f"{name} must be finite and >= 0, got {bad.tolist()}.")
+            return value
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}.")
         v = float(value.detach())
@@ -274,6 +282,26 @@ class KernelOverflowError(FloatingPointError):
 
 
 _LOCATING = threading.local()
+_HYPER_BATCH = threading.local()
+
+
+@contextlib.contextmanager
+def hyper_batch(size: int) -> Iterator[None]:
+    """Within this context (this thread only), tensor standard deviations may be ``(size,)``
+    vectors: ``G = size`` sets of hyper-parameters evaluated in one pass of the kernel maps.
+
+    The kernel records then carry a trailing axis of length ``G`` on every covariance
+    (``nngp (M, G)``, ``cov1 (N, G)``; :func:`infnets._src.ecosystem.batched.batched_kernel`
+    builds them) and the ``(G,)`` hyper-parameters broadcast against it in the affine
+    maps; every other map is elementwise over it. Only fully-connected records support it.
+    Outside the context hyper-parameters are scalars (a finite network has one ``W_std``).
+    """
+    before = getattr(_HYPER_BATCH, "size", None)
+    _HYPER_BATCH.size = int(size)
+    try:
+        yield
+    finally:
+        _HYPER_BATCH.size = before
 
 
 @contextlib.contextmanager

@@ -8,6 +8,16 @@ kernels ``k(x1[b], x2[b])`` of a batch of input sets need no loop and no ``(B N1
 upper-triangle pairs of symmetric problems, mirrored afterwards, or the ``B N`` diagonal
 pairs) and the layers map it once, through ``layer.kernel_fn(record)``, the same kernel
 maps (and autograd graph, for tensor hyper-parameters) as ``layer.kernel_fn(x1, x2)``.
+
+Batches of hyper-parameters (GPyTorch's ``batch_shape``: ``G`` GPs, each with its own
+``W_var``/``b_var``) need no loop either. Every one of the ``G`` groups holds the same
+number of input sets, so the pairs of every group sit at the same places of the packed
+layout: the record keeps one ``pair_index`` and a trailing axis of length ``G`` on every
+covariance (``nngp (M, G)``, ``cov1 (N, G)``), and the layer's standard deviations are
+``(G,)`` tensors (built and evaluated within :func:`infnets._src.core.inputs.hyper_batch`)
+broadcasting against it: ``W_var * nngp + b_var`` is then each group's affine map, and every
+nonlinearity is elementwise over pairs and groups alike. No pair is computed for a group
+it does not belong to.
 """
 
 from __future__ import annotations
@@ -21,10 +31,10 @@ from infnets._src.layers.base import Layer
 __all__ = ["batched_kernel"]
 
 
-def _select(out: Kernel, get: str) -> Tensor:
+def _select(out: Kernel, get: str, ndim: int) -> Tensor:
     value = out.nngp if get == "nngp" else out.ntk
     assert value is not None
-    if value.ndim != 1:
+    if value.ndim != ndim:
         raise ValueError(
             "batched_kernel: the architecture's outputs are not one value per pair "
             f"(got {tuple(value.shape)}); flatten spatial outputs before the readout."
@@ -38,15 +48,20 @@ def batched_kernel(
     """``k(x1[b], x2[b])`` for every batch index ``b``, in one pass of the kernel maps.
 
     Args:
-        layer: a fully-connected infnets architecture (``(N, D)`` inputs).
-        x1: ``(B, N1, D)`` inputs.
-        x2: ``(B, N2, D)`` inputs, or ``None`` for ``x2 = x1`` (symmetric: the upper
-            triangle of each matrix is computed and mirrored, exactly symmetric).
+        layer: a fully-connected infnets architecture (``(N, D)`` inputs). With grouped
+            ``(G, B, N1, D)`` inputs its standard deviations may be ``(G,)`` tensors, one
+            value per group (build and call it within
+            :func:`infnets._src.core.inputs.hyper_batch` ``(G)``).
+        x1: ``(B, N1, D)`` inputs, or ``(G, B, N1, D)``: ``G`` groups of ``B`` input sets.
+        x2: ``(B, N2, D)`` (``(G, B, N2, D)``) inputs, or ``None`` for ``x2 = x1``
+            (symmetric: the upper triangle of each matrix is computed and mirrored, exactly
+            symmetric).
         get: ``'nngp'`` or ``'ntk'``.
         diag: return only ``k(x1[b, i], x2[b, i])`` (needs ``N1 == N2``).
 
     Returns:
-        ``(B, N1, N2)`` kernels, or ``(B, N1)`` with ``diag``.
+        ``(B, N1, N2)`` kernels, or ``(B, N1)`` with ``diag`` (``(G, B, ...)`` for grouped
+        inputs).
 
     Examples:
         >>> import torch
@@ -56,44 +71,66 @@ def batched_kernel(
         >>> k = batched_kernel(net, x, None, 'ntk')
         >>> bool(torch.allclose(k[1], net.kernel_fn(x[1], None, 'ntk'), rtol=1e-12))
         True
+
+        Two groups of three input sets, with ``W_std`` 1.0 and 2.0:
+
+        >>> from infnets._src.core.inputs import hyper_batch
+        >>> with hyper_batch(2):
+        ...     two = stax.Dense(1, W_std=torch.tensor([1.0, 2.0], dtype=torch.float64))
+        ...     k = batched_kernel(two, torch.stack([x, x]), None, 'nngp')
+        >>> k.shape, bool(torch.allclose(k[1], 4 * k[0]))
+        (torch.Size([2, 3, 5, 5]), True)
     """
-    if x1.ndim != 3 or (x2 is not None and (x2.ndim != 3 or x2.shape[::2] != x1.shape[::2])):
+    grouped = x1.ndim == 4
+    rank = 4 if grouped else 3
+    if (
+        x1.ndim != rank
+        or (x2 is not None and (x2.ndim != rank or x2.shape[-1] != x1.shape[-1]))
+        or (x2 is not None and x2.shape[:-2] != x1.shape[:-2])
+    ):
         raise ValueError(
-            "batched_kernel: expected x1 (B, N1, D) and x2 (B, N2, D) or None, got "
-            f"{tuple(x1.shape)} and {None if x2 is None else tuple(x2.shape)}."
+            "batched_kernel: expected x1 (B, N1, D) and x2 (B, N2, D) or None (or both with "
+            f"a leading group axis), got {tuple(x1.shape)} and "
+            f"{None if x2 is None else tuple(x2.shape)}."
         )
-    b, n1, d = x1.shape
-    n2 = n1 if x2 is None else x2.shape[1]
+    if not grouped:
+        x1 = x1[None]
+        x2 = None if x2 is None else x2[None]
+    g, b, n1, d = x1.shape
+    n2 = n1 if x2 is None else x2.shape[2]
     dev = x1.device
     batch = torch.arange(b, device=dev)
+    # every (G, ...) tensor below holds the same packed layout for each of the G groups
     if diag:
         if n1 != n2:
             raise ValueError("batched_kernel: diag=True needs x1 and x2 of equal size.")
         rows = (batch[:, None] * n1 + torch.arange(n1, device=dev)).reshape(-1)
         if x2 is None:
-            z, cols = x1.reshape(b * n1, d), rows
+            z, cols = x1.reshape(g, b * n1, d), rows
             cov = (z * z).sum(-1) / d
-            nngp = cov[rows]
+            nngp = cov[:, rows]
         else:
-            z = torch.cat([x1.reshape(b * n1, d), x2.reshape(b * n2, d)])
+            z = torch.cat([x1.reshape(g, b * n1, d), x2.reshape(g, b * n2, d)], dim=1)
             cols = rows + b * n1
             cov = (z * z).sum(-1) / d
-            nngp = (x1 * x2).sum(-1).reshape(-1) / d
+            nngp = (x1 * x2).sum(-1).reshape(g, -1) / d
         index = torch.stack([rows, cols])
     elif x2 is None:
-        gram = torch.bmm(x1, x1.transpose(1, 2))
+        flat = x1.reshape(g * b, n1, d)
+        gram = torch.bmm(flat, flat.transpose(1, 2))
         gram = gram.add(gram.transpose(1, 2)).mul_(0.5 / d)  # exactly symmetric
-        z = x1.reshape(b * n1, d)
+        z = x1.reshape(g, b * n1, d)
         # variances are the Gram diagonal bit for bit (correlation exactly 1 on the diagonal)
-        cov = gram.diagonal(dim1=1, dim2=2).reshape(-1).clone()
+        cov = gram.diagonal(dim1=1, dim2=2).reshape(g, -1).clone()
         iu = torch.triu_indices(n1, n1, device=dev)
-        nngp = gram[:, iu[0], iu[1]].reshape(-1)
+        nngp = gram[:, iu[0], iu[1]].reshape(g, -1)
         offset = (batch * n1)[:, None]
         index = torch.stack([(offset + iu[0]).reshape(-1), (offset + iu[1]).reshape(-1)])
     else:
-        z = torch.cat([x1.reshape(b * n1, d), x2.reshape(b * n2, d)])
+        z = torch.cat([x1.reshape(g, b * n1, d), x2.reshape(g, b * n2, d)], dim=1)
         cov = (z * z).sum(-1) / d
-        nngp = (torch.bmm(x1, x2.transpose(1, 2)) / d).reshape(-1)
+        prod = torch.bmm(x1.reshape(g * b, n1, d), x2.reshape(g * b, n2, d).transpose(1, 2))
+        nngp = (prod / d).reshape(g, -1)
         rows = (batch[:, None, None] * n1 + torch.arange(n1, device=dev)[None, :, None]).expand(
             b, n1, n2
         )
@@ -101,28 +138,40 @@ def batched_kernel(
             b * n1 + batch[:, None, None] * n2 + torch.arange(n2, device=dev)[None, None, :]
         ).expand(b, n1, n2)
         index = torch.stack([rows.reshape(-1), cols.reshape(-1)])
+    # ungrouped: the 1-D record of one group; grouped: the group axis last, (M, G) and (N, G)
+    nngp = nngp.movedim(0, -1) if grouped else nngp[0]
+    cov = cov.movedim(0, -1) if grouped else cov[0]
+    n = z.shape[1]
     record = Kernel(
         nngp=nngp,
         ntk=torch.zeros_like(nngp) if get == "ntk" else None,
         cov1=cov,
         cov2=None,
-        shape1=tuple(z.shape),
-        shape2=tuple(z.shape),
+        shape1=(n, d),
+        shape2=(n, d),
         is_gaussian=False,
         pair_index=index,
-        n1=z.shape[0],
-        n2=z.shape[0],
+        n1=n,
+        n2=n,
     )
     out = layer.kernel_fn(record)
     if not isinstance(out, Kernel):
         raise ValueError(f"batched_kernel: {layer!r} does not end in a single kernel.")
-    values = _select(out, get)
+    values = _select(out, get, 2 if grouped else 1)
+    if grouped and values.shape != (index.shape[1], g):
+        raise ValueError(
+            f"batched_kernel: {layer!r} does not keep the hyper-parameter group axis "
+            f"(expected ({index.shape[1]}, {g}), got {tuple(values.shape)})."
+        )
+    values = values.movedim(-1, 0) if grouped else values[None]
     if diag:
-        return values.reshape(b, n1)
-    if x2 is not None:
-        return values.reshape(b, n1, n2)
-    full = values.new_empty(b, n1, n1)
-    upper = values.reshape(b, -1)
-    full[:, iu[0], iu[1]] = upper
-    full[:, iu[1], iu[0]] = upper
-    return full
+        out_t = values.reshape(g, b, n1)
+    elif x2 is not None:
+        out_t = values.reshape(g, b, n1, n2)
+    else:
+        full = values.new_empty(g * b, n1, n1)
+        upper = values.reshape(g * b, -1)
+        full[:, iu[0], iu[1]] = upper
+        full[:, iu[1], iu[0]] = upper
+        out_t = full.reshape(g, b, n1, n1)
+    return out_t if grouped else out_t[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,7 @@ from torch import Tensor
 
 from infnets._src.core import inputs as _inputs
 from infnets._src.predict import common as pc
+from infnets._src.predict.types import GPPredictFn
 
 _FN = "gp_inference"
 GP_GETS: tuple[str, ...] = ("nngp", "ntk", "ntkgp")
@@ -103,7 +104,7 @@ def gp_inference(
     trace_axes: Sequence[int] = (-1,),
     *,
     jitter: pc.Jitter = None,
-) -> Callable[..., Any]:
+) -> GPPredictFn:
     r"""Exact posterior of an infinitely wide network: Bayesian (NNGP) or NTK-trained.
 
     With train inputs ``X``, targets ``Y``, test inputs ``x``, NNGP kernel ``K``

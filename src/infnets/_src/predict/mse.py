@@ -12,6 +12,7 @@ from torch import Tensor
 
 from infnets._src.core import inputs as _inputs
 from infnets._src.predict import common as pc
+from infnets._src.predict.types import EnsemblePredictFn, MSEPredictFn
 
 ENSEMBLE_GETS: tuple[str, ...] = ("nngp", "ntk")
 
@@ -40,7 +41,7 @@ def gradient_descent_mse(
     diag_reg_absolute_scale: bool = False,
     jitter: pc.Jitter = None,
     discrete: bool = False,
-) -> Callable[..., Any]:
+) -> MSEPredictFn:
     r"""Exact outputs of a linearized network trained by gradient flow (or descent) on MSE.
 
     The loss is ``L = 1/2 sum_{i, c} (f_c(x_i) - y_{i, c})^2`` (a sum, not a mean;
@@ -138,7 +139,7 @@ def gradient_descent_mse(
         fx_train_0: Any = 0.0,
         fx_test_0: Any = None,
         k_test_train: Any = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Any:  # Tensor, or (train, test): per call in the protocol's overloads
         """Outputs at time(s) ``t``; see :func:`gradient_descent_mse`."""
         times, has_axis = pc.parse_times(t, fn)
         if discrete:
@@ -186,7 +187,7 @@ def gradient_descent_mse_ensemble(
     jitter: pc.Jitter = None,
     discrete: bool = False,
     **kernel_fn_kwargs: Any,
-) -> Callable[..., Any]:
+) -> EnsemblePredictFn:
     r"""Mean and covariance over initialisations of infinitely wide networks trained on MSE.
 
     At initialisation the outputs are a Gaussian process, ``f_0 ~ GP(0, K)`` with

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from infnets._src.core import inputs as _inputs
 from infnets._src.predict import common as pc
+from infnets._src.predict.types import ODEPredictFn
 
 Solver = Literal["auto", "torchdiffeq", "scipy"]
 
@@ -34,7 +35,7 @@ def gradient_descent(
     rtol: float = 1e-7,
     atol: float = 1e-9,
     solver: Solver = "auto",
-) -> Callable[..., Any]:
+) -> ODEPredictFn:
     r"""Outputs of a linearized network trained by gradient flow on any differentiable loss.
 
     In function space the linearized network (Lee et al. 2019, "Wide neural
@@ -138,7 +139,7 @@ def gradient_descent(
         fx_train_0: Any = 0.0,
         fx_test_0: Any = None,
         k_test_train: Any = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Any:  # Tensor, or (train, test): per call in the protocol's overloads
         """Outputs at time(s) ``t``; see :func:`gradient_descent`."""
         times, has_axis = pc.parse_times(t, fn, allow_inf=False)
         if fx_test_0 is not None and k_test_train is None:
