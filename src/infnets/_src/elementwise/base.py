@@ -111,6 +111,12 @@ class ElementwiseLayer(Layer):
         def nngp_map(c: Tensor, q1: Tensor, q2: Tensor) -> Tensor:
             if pre is not None and c is k.nngp:
                 return pre[0]
+            if pre is not None and compiled.enabled(c, per_example=True):  # cov1 / cov2
+                f1 = self.pair_factors(q1)[0]  # type: ignore[attr-defined]
+                f2 = self.pair_factors(q2)[1]  # type: ignore[attr-defined]
+                done = compiled.pair_map(self, c, f1, f2, None)
+                if done is not None:
+                    return done[0]
             # the pair covariance comes first (Kernel.map_covariances); only it needs the
             # derivative kernel, computed together with the NNGP map
             need_dot = k.ntk is not None and c is k.nngp

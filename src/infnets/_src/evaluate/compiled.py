@@ -21,15 +21,16 @@ Used where it pays and is safe, without flags (like ``jax.jit``, but never makin
 call wait for the compiler):
 
 * **where it pays**: a kernel pattern (the layer's hyper-parameters and the exact
-  shapes, strides and dtypes of its tensors) is compiled once the calls of that pattern
-  have processed :data:`MIN_TOTAL` covariance entries in this process (e.g. the first
-  call on 128 pooled 8x8 images, 3.4e7 entries per layer; never the small kernels of a
-  test suite), on CPU tensors of at least :data:`MIN_ENTRIES` entries, without autograd,
-  zero padding only;
-* **in the background**: the pattern is queued for one low-priority worker thread that
-  compiles it while the calls go on with the eager code; every call after the compiled
-  kernel is ready uses it. The first call therefore costs what eager costs (plus the
-  sharing of the CPU with the compiler), never the compilation itself;
+  shapes, strides and dtypes of its tensors) is compiled when it occurs in a problem of
+  at least :data:`MIN_TOTAL` covariance entries per layer (e.g. 128 pooled 8x8 images:
+  3.4e7), or once smaller problems have passed :data:`MIN_TOTAL` entries through it in
+  this process; CPU tensors of at least :data:`MIN_ENTRIES` entries, without autograd,
+  zero padding only (never the small kernels of a test suite);
+* **in the background**: the pattern is queued for one worker thread that compiles it
+  once the computation that queued it has ended (or after :data:`DEFER_S` seconds of a
+  long one), while later calls go on with the eager code; every call after a compiled
+  kernel is ready uses it. A first call therefore costs what eager costs, never the
+  compilation;
 * **cached on disk**: TorchInductor's FX-graph and AOT caches (``TORCHINDUCTOR_CACHE_DIR``,
   by default under the system temporary directory) keep compiled kernels across
   processes: a new process re-compiles a known pattern in ~1 s instead of 5-15 s.
@@ -53,7 +54,7 @@ import threading
 import time
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -64,21 +65,23 @@ from infnets._src.core.kernel import memory_order
 
 __all__ = [
     "MIN_ENTRIES",
+    "MIN_PER_EXAMPLE",
     "MIN_TOTAL",
     "conv_pair",
     "enabled",
     "pair_map",
     "pending",
+    "problem",
     "wait",
 ]
 
 #: smallest covariance (entries of one tensor) worth a compiled kernel
 MIN_ENTRIES = 1 << 18
+#: smallest per-example covariance (``cov1``/``cov2`` of a tile) worth a compiled kernel
+MIN_PER_EXAMPLE = 1 << 14
 #: covariance entries a pattern must have processed (eagerly, in this process) before
 #: it is compiled in the background
 MIN_TOTAL = 1 << 25
-#: nice value of the background compiler thread (Linux; elsewhere it runs at normal priority)
-WORKER_NICE = 0
 
 _LOCK = threading.Lock()
 _COMPILING = threading.Lock()
@@ -90,24 +93,55 @@ _CACHE: dict[Any, Callable[..., Any]] = {}
 _SEEN: dict[Any, int] = {}
 _BROKEN: list[str] = []
 _QUEUED: set[Any] = set()
-_JOBS: queue.Queue[tuple[Any, Callable[[], Callable[..., Any]], list[Any]]] = queue.Queue()
+_JOBS: queue.Queue[tuple[Any, Callable[[], Callable[..., Any]], list[Any], int]] = queue.Queue()
 _WORKER: list[threading.Thread] = []
+#: kernel computations running now, computations ended so far, large ones running now
+_CALLS = {"active": 0, "ended": 0, "large": 0}
+_CALLS_CHANGED = threading.Condition(_LOCK)
+#: seconds a queued pattern waits for the computation that queued it to end before the
+#: background compiler starts on it anyway (a first call is not slowed by the compiler)
+DEFER_S = 5.0
 
 
 def _setting() -> str:
     return os.environ.get("INFNETS_COMPILE", "auto")
 
 
-def enabled(t: Tensor) -> bool:
+def enabled(t: Tensor, per_example: bool = False) -> bool:
     """Whether the compiled kernels may handle covariance ``t``.
 
     CPU tensors without autograd of at least :data:`MIN_ENTRIES` entries (any size with
-    ``INFNETS_COMPILE=1``), unless compilation is off or failed in this process.
+    ``INFNETS_COMPILE=1``), unless compilation is off or failed in this process. The
+    per-example covariances that travel with each tile (``per_example``) qualify from
+    :data:`MIN_PER_EXAMPLE` entries: every tile recomputes its two blocks' ones.
     """
     setting = _setting()
     if setting == "0" or _BROKEN or t.device.type != "cpu" or t.requires_grad:
         return False
-    return setting == "1" or t.numel() >= MIN_ENTRIES
+    return setting == "1" or t.numel() >= (MIN_PER_EXAMPLE if per_example else MIN_ENTRIES)
+
+
+@contextlib.contextmanager
+def problem(entries: int) -> Iterator[None]:
+    """Mark a kernel computation of ``entries`` covariance entries per layer.
+
+    Inside a problem of at least :data:`MIN_TOTAL` entries every eligible pattern is
+    queued on first sight (the computation itself pays for it); the background
+    compiler starts on patterns queued by a running computation once it has ended (or
+    after :data:`DEFER_S` seconds), so the compiler does not slow that computation.
+    """
+    large = entries >= MIN_TOTAL
+    with _LOCK:
+        _CALLS["active"] += 1
+        _CALLS["large"] += large
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _CALLS["active"] -= 1
+            _CALLS["large"] -= large
+            _CALLS["ended"] += 1
+            _CALLS_CHANGED.notify_all()
 
 
 def pending() -> int:
@@ -208,10 +242,12 @@ def _openmp_threads(n: int) -> bool:
 
 def _worker() -> None:
     """Compile queued patterns one after another (a daemon thread)."""
-    with contextlib.suppress(AttributeError, OSError):  # Linux: a thread is a task
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
     while True:
-        full_key, build, specs = _JOBS.get()
+        full_key, build, specs, queued_at = _JOBS.get()
+        with _LOCK:  # let the computation that queued it finish first
+            _CALLS_CHANGED.wait_for(
+                lambda q=queued_at: _CALLS["active"] == 0 or _CALLS["ended"] > q, DEFER_S
+            )
         _, _, threads, grad = full_key
         try:
             # compiled under the callers' global state (thread count, grad mode), which
@@ -233,12 +269,31 @@ def _worker() -> None:
 def _enqueue(full_key: Any, build: Callable[[], Callable[..., Any]], args: Sequence[Any]) -> None:
     """Queue ``full_key`` for the background compiler (caller holds ``_LOCK``)."""
     _QUEUED.add(full_key)
-    _JOBS.put((full_key, build, [_spec(a) for a in args]))
+    _JOBS.put((full_key, build, [_spec(a) for a in args], _CALLS["ended"]))
     if not _WORKER:
         # a daemon: a process that ends while a pattern compiles does not wait for it
         thread = threading.Thread(target=_worker, name="infnets-compile", daemon=True)
         thread.start()
         _WORKER.append(thread)
+
+
+def _unaliased(args: Sequence[Any]) -> tuple[Any, ...]:
+    """``args`` with no two tensors sharing memory (copies of the later ones).
+
+    TorchDynamo guards compiled code on which inputs alias each other; the background
+    compiler traces inputs of their own, so an aliased call would miss the guard and run
+    the Python function. The aliased inputs here are small per-example factors.
+    """
+    seen: set[int] = set()
+    out = []
+    for a in args:
+        if isinstance(a, Tensor):
+            ptr = a.untyped_storage().data_ptr()
+            if ptr in seen:
+                a = a.clone()
+            seen.add(ptr)
+        out.append(a)
+    return tuple(out)
 
 
 def _covariance_entries(args: Sequence[Any]) -> int:
@@ -252,10 +307,12 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
     torch thread count) gets its own static compilation: tiles repeat a few shapes,
     and static shapes vectorise best. At most :data:`MAX_VARIANTS` patterns are
     compiled per process. In ``auto`` mode a pattern is queued for the background
-    compiler once it has processed :data:`MIN_TOTAL` entries; with
+    compiler once it has processed :data:`MIN_TOTAL` entries (on first sight inside a
+    large :func:`problem`); with
     ``INFNETS_COMPILE=1`` it is compiled here, in the caller, on its second use (one
     compilation at a time: other tile threads go on eagerly meanwhile).
     """
+    args = _unaliased(args)
     threads = torch.get_num_threads()
     full_key = (key, _signature(args), threads, torch.is_grad_enabled())
     fn = _CACHE.get(full_key)
@@ -272,7 +329,7 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
         if background:
             seen = _SEEN.get(full_key, 0) + _covariance_entries(args)
             _SEEN[full_key] = seen
-            if seen >= MIN_TOTAL:
+            if seen >= MIN_TOTAL or _CALLS["large"] > 0:
                 _enqueue(full_key, build, args)
             return None
         seen = _SEEN.get(full_key, 0)

@@ -149,7 +149,7 @@ def _matmuls(
 
     def own(a: Tensor) -> Tensor:
         if not full:
-            return ((a * a).sum(1) / c).reshape((a.shape[0],) + spatial)
+            return _batch_last(((a * a).sum(1) / c).reshape((a.shape[0],) + spatial), 1)
         return _to_pairs(torch.bmm(a.transpose(1, 2), a) / c, 1, spatial)
 
     if full:
@@ -166,18 +166,23 @@ def _matmuls(
         nngp = g.permute(1, 2, 0)
         if index is not None:
             nngp = nngp[index[0], index[1]]
-        nngp = nngp.reshape(nngp.shape[: nngp.ndim - 1] + spatial).contiguous()
-    lead = 1 if index is not None else 2
-    cov2 = None if symmetric else _batch_last(own(a2), 1)
-    return _batch_last(nngp, lead), _batch_last(own(a1), 1), cov2
+        nngp = nngp.reshape(nngp.shape[: nngp.ndim - 1] + spatial)
+        nngp = _batch_last(nngp, 1 if index is not None else 2)
+    cov2 = None if symmetric else own(a2)
+    return nngp, own(a1), cov2
 
 
 def _to_pairs(g: Tensor, lead: int, spatial: tuple[int, ...]) -> Tensor:
-    """``(*B, P, P') -> (*B, s_1, s_1', ..., s_d, s_d')`` (contiguous)."""
+    """``(*B, P, P') -> (*B, s_1, s_1', ..., s_d, s_d')`` with the examples innermost.
+
+    One copy, written directly in the memory order the covariance maps keep (the
+    ``lead`` example axes innermost, see :func:`_batch_last`).
+    """
     d = len(spatial)
     g = g.reshape(tuple(g.shape[:lead]) + spatial + spatial)
-    perm = list(range(lead)) + _interleave(range(lead, lead + d), range(lead + d, lead + 2 * d))
-    return g.permute(perm).contiguous()
+    pairs = _interleave(range(lead, lead + d), range(lead + d, lead + 2 * d))
+    stored = g.permute(pairs + list(range(lead))).contiguous()  # (s_1, s_1', ..., *B)
+    return stored.permute(list(range(2 * d, 2 * d + lead)) + list(range(2 * d)))
 
 
 # ------------------------------------------------------------------- plan

@@ -41,6 +41,7 @@ from infnets._src.core.kernel import (
     swap_spatial_pairs,
 )
 from infnets._src.core.protocol import PACK_MIN_EXAMPLES, KernelLayer, input_kernel, leaves
+from infnets._src.evaluate import compiled
 from infnets._src.evaluate.chunks import (
     HEAP_KEEP_BYTES,
     Heap,
@@ -656,6 +657,9 @@ def _tiled(
     workers = thread_workers(x1, len(tiles) - 1)
     if x1.device.type == "cpu":
         tune_heap()
+    entries = math.prod(x1.shape[2:]) ** (2 if full_in else 1) * n1 * n2
+    stack = contextlib.ExitStack()
+    stack.enter_context(compiled.problem(entries // (2 if symmetric else 1)))
     try:
         # with tile threads, every tile (the first too) runs single-threaded torch ops,
         # so compiled kernels (infnets._src.evaluate.compiled) see one setting and compile once
@@ -683,6 +687,7 @@ def _tiled(
                 bar.update(1)
     finally:
         bar.close()
+        stack.close()
     return first.replace(
         nngp=out["nngp"],
         ntk=out["ntk"],

@@ -608,6 +608,13 @@ class Conv(ConvFields):
                 ntk = base if zero else a(ntk, scale=w2f, shift=base)
             else:  # K' + W^2/|F| A(Theta)
                 ntk = nngp if zero else a(ntk, scale=w2f, shift=nngp)
-        cov1 = a(k.cov1, 1, w2f, b2)
-        cov2 = None if k.cov2 is None else a(k.cov2, 1, w2f, b2)
+        def own(t: Tensor) -> Tensor:  # per-example covariances
+            if done is not None and compiled.enabled(t, per_example=True):
+                out = compiled.conv_pair(t, None, 1, full, geoms, w2f, b2)
+                if out is not None:
+                    return out[0]
+            return a(t, 1, w2f, b2)
+
+        cov1 = own(k.cov1)
+        cov2 = None if k.cov2 is None else own(k.cov2)
         return self.affine_output(k, [g.out for g in geoms], (nngp, ntk, cov1, cov2))
