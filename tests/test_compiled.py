@@ -169,3 +169,48 @@ def test_wait_times_out_while_work_is_pending(fresh_state) -> None:  # type: ign
     assert compiled.wait(timeout=0.05) is False
     compiled._QUEUED.clear()
     assert compiled.wait(timeout=0.05) is True
+
+
+def test_inputs_sharing_memory_are_copied() -> None:
+    """Aliased inputs would miss the compiled code's guards: later ones are copied."""
+    a = torch.randn(4, 3, dtype=torch.float64)
+    out = compiled._unaliased((a, a, a[1:], 2.0, torch.ones(2)))
+    assert out[0] is a and out[3] == 2.0
+    ptrs = {t.untyped_storage().data_ptr() for t in out if isinstance(t, torch.Tensor)}
+    assert len(ptrs) == 4  # no two tensors share memory any more
+    for got, want in zip(out[:3], (a, a, a[1:]), strict=True):
+        assert torch.equal(got, want) and got.stride() == want.stride()
+
+
+def test_compilation_waits_for_the_call_that_queued_it(
+    monkeypatch: pytest.MonkeyPatch, fresh_state
+) -> None:  # type: ignore[no-untyped-def]
+    """A first call is not slowed by the compiler: it starts when that call has ended."""
+    import threading
+
+    monkeypatch.setenv("INFNETS_COMPILE", "auto")
+    monkeypatch.setattr(compiled, "DEFER_S", 600.0)
+    started = threading.Event()
+    real = compiled._compile
+
+    def spy(fn, n):  # type: ignore[no-untyped-def]
+        started.set()
+        return real(fn, n)
+
+    monkeypatch.setattr(compiled, "_compile", spy)
+
+    def build():  # type: ignore[no-untyped-def]
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return t * 2.0
+
+        return fn
+
+    t = torch.ones(8, 8, dtype=torch.float64)
+    with compiled.problem(compiled.MIN_TOTAL):  # a large problem: queued on first sight
+        assert compiled._call(("test-defer",), build, t) is None  # eager meanwhile
+        assert compiled.pending() == 1
+        assert not started.wait(0.5)  # the worker waits for this computation to end
+    assert started.wait(60)
+    assert compiled.wait(timeout=600) and not compiled._BROKEN
+    out = compiled._call(("test-defer",), build, t)
+    assert out is not None and torch.equal(out, 2 * t)
