@@ -217,7 +217,24 @@ class TaylorModel(nn.Module):
     ``torch.func.functional_call``, ``torch.func.stack_module_state`` + ``torch.func.vmap``
     (ensembles), ``state_dict``, ``.to()`` and ``copy.deepcopy`` see all of them.
     Build it with :func:`infnets.empirical.linearize` or
-    :func:`infnets.empirical.taylor_expand`.
+    :func:`infnets.empirical.taylor_expand` (the math, the papers and the costs are
+    described there and in this module's docstring).
+
+    Args:
+        model: the adapted network (:class:`~infnets._src.empirical.model.Model`).
+        bound: its parameters at the expansion point (:meth:`Model.bind`).
+        degree: the order ``k >= 0`` of the polynomial.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from infnets.empirical import linearize
+        >>> lin = linearize(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)))
+        >>> [n for n, _ in lin.named_parameters()]
+        ['params.0.weight', 'params.0.bias', 'params.2.weight', 'params.2.bias']
+        >>> params, buffers = torch.func.stack_module_state([lin, lin])  # an ensemble of 2
+        >>> params["params.0.weight"].shape
+        torch.Size([2, 4, 3])
     """
 
     def __init__(self, model: Model, bound: Bound, degree: int) -> None:
