@@ -214,3 +214,24 @@ def test_compilation_waits_for_the_call_that_queued_it(
     assert compiled.wait(timeout=600) and not compiled._BROKEN
     out = compiled._call(("test-defer",), build, t)
     assert out is not None and torch.equal(out, 2 * t)
+
+
+def test_a_pattern_the_worker_cannot_match_stays_eager_once(
+    monkeypatch: pytest.MonkeyPatch, fresh_state
+) -> None:  # type: ignore[no-untyped-def]
+    """Without a matching thread count the pattern is dropped for good, not re-queued."""
+    monkeypatch.setenv("INFNETS_COMPILE", "auto")
+    monkeypatch.setattr(compiled, "_openmp_threads", lambda n: False)
+    built: list[int] = []
+
+    def build():  # type: ignore[no-untyped-def]
+        built.append(1)
+        return lambda t: t + 1.0
+
+    t = torch.ones(4, dtype=torch.float64)
+    with compiled.problem(compiled.MIN_TOTAL):
+        assert compiled._call(("test-never",), build, t) is None
+    assert compiled.wait(timeout=60)
+    for _ in range(3):
+        assert compiled._call(("test-never",), build, t) is None
+    assert compiled.pending() == 0 and not built  # never compiled, never queued again

@@ -240,6 +240,11 @@ def _openmp_threads(n: int) -> bool:
     return torch.get_num_threads() == n
 
 
+def _eager(*args: Any) -> None:
+    """The entry of a pattern that stays eager (``None``: the caller's eager code runs)."""
+    return None
+
+
 def _worker() -> None:
     """Compile queued patterns one after another (a daemon thread)."""
     while True:
@@ -252,7 +257,10 @@ def _worker() -> None:
         try:
             # compiled under the callers' global state (thread count, grad mode), which
             # TorchDynamo guards on; a pattern that cannot match it stays eager
-            if not _BROKEN and full_key not in _CACHE and _openmp_threads(threads):
+            if not _BROKEN and full_key not in _CACHE:
+                if not _openmp_threads(threads):
+                    _CACHE[full_key] = _eager  # not queued again
+                    continue
                 raw = _own_code(build(), len(_CACHE) + len(_QUEUED))
                 with torch.set_grad_enabled(grad):
                     _compile(raw, threads)(*[_example(s) for s in specs])  # compiles here
