@@ -20,9 +20,9 @@ runs with its defaults: repeated convolutional kernel patterns are compiled by
 TorchInductor in a background thread while calls go on eagerly; the warm-up calls
 continue until that compiler is idle (the time and number of calls are printed), and
 *steady* is the median of the calls after it (Neural Tangents: of the calls after the
-first). ``--eager`` adds a run with ``INFNETS_COMPILE=0``. Neural Tangents gets the same inputs in its own
-NHWC layout; the kernels of the two libraries are compared entrywise. Peak memory is
-the subprocess's peak RSS minus its RSS after the imports.
+first). ``--eager`` adds a run with ``INFNETS_COMPILE=0``. Neural Tangents gets the same
+inputs in its own NHWC layout; the kernels of the two libraries are compared entrywise.
+Peak memory is the subprocess's peak RSS minus its RSS after the imports.
 
 Run::
 
