@@ -235,3 +235,18 @@ def test_a_pattern_the_worker_cannot_match_stays_eager_once(
     for _ in range(3):
         assert compiled._call(("test-never",), build, t) is None
     assert compiled.pending() == 0 and not built  # never compiled, never queued again
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_wait_for_the_parents_compiler(fresh_state) -> None:  # type: ignore[no-untyped-def]
+    """The child of a fork has no compiler thread: its queue starts empty."""
+    import os
+
+    compiled._QUEUED.add("parent-pattern")
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when the queue was forgotten
+        os._exit(0 if compiled.pending() == 0 and compiled.wait(timeout=1) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert compiled.pending() == 1  # the parent's queue is untouched
+    compiled._QUEUED.clear()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -306,6 +306,22 @@ def _unaliased(args: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has no compiler thread: forget the parent's queue (it re-queues)."""
+    global _JOBS, _LOCK, _COMPILING, _CALLS_CHANGED
+    _LOCK = threading.Lock()
+    _COMPILING = threading.Lock()
+    _CALLS_CHANGED = threading.Condition(_LOCK)
+    _JOBS = queue.Queue()
+    _QUEUED.clear()
+    _WORKER.clear()
+    _CALLS.update(active=0, large=0)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _covariance_entries(args: Sequence[Any]) -> int:
     return max((a.numel() for a in args if isinstance(a, Tensor)), default=0)
 
