@@ -608,6 +608,7 @@ class Conv(ConvFields):
                 ntk = base if zero else a(ntk, scale=w2f, shift=base)
             else:  # K' + W^2/|F| A(Theta)
                 ntk = nngp if zero else a(ntk, scale=w2f, shift=nngp)
+
         def own(t: Tensor) -> Tensor:  # per-example covariances
             if done is not None and compiled.enabled(t, per_example=True):
                 out = compiled.conv_pair(t, None, 1, full, geoms, w2f, b2)
