@@ -292,8 +292,12 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
         if self.input_shape is None:
             out = self._grouped(a, b, same, diag)
         else:
-            # images: the trailing group axis of batched_kernel's records is fully
-            # connected only; one pass per set of variances (see the class docstring)
+            # images: one pass per set of variances, each over all its input sets at once.
+            # batched_kernel's trailing group axis would be read as a spatial axis by the
+            # convolutions and pooling, and folding the groups into the pair axis would need
+            # every affine layer to scale pairs (nngp/ntk, M entries) and examples (cov1, N
+            # entries) by their own group's variances: the layers take scalar (or trailing
+            # (G,)) standard deviations only (see the class docstring)
             layers = [self.layer(*i) for i in itertools.product(*map(range, self.batch_shape))]
             out = torch.stack([self._batch(lay, a[i], b[i], same, diag)
                                for i, lay in enumerate(layers)])  # fmt: skip

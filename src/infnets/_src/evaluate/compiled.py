@@ -249,10 +249,12 @@ def _worker() -> None:
     """Compile queued patterns one after another (a daemon thread)."""
     while True:
         full_key, build, specs, queued_at = _JOBS.get()
+
+        def done(q: int = queued_at) -> bool:
+            return _CALLS["active"] == 0 or _CALLS["ended"] > q
+
         with _LOCK:  # let the computation that queued it finish first
-            _CALLS_CHANGED.wait_for(
-                lambda q=queued_at: _CALLS["active"] == 0 or _CALLS["ended"] > q, DEFER_S
-            )
+            _CALLS_CHANGED.wait_for(done, DEFER_S)
         _, _, threads, grad = full_key
         try:
             # compiled under the callers' global state (thread count, grad mode), which
