@@ -76,9 +76,14 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
     through one pass: the packed record gets a trailing axis of length ``B`` on which
     the ``(B,)`` standard deviations broadcast (each pair is computed for its own batch
     entry only), so autograd reaches every raw variance through that one pass. Inputs
-    reshaped to images (``input_shape``) are evaluated one input set per kernel call,
-    and with a ``batch_shape`` one set of variances at a time: the trailing axis is
-    fully connected only.
+    reshaped to images (``input_shape``) are batched as well: one packed record of the
+    pairs within each input set, all sets in one pass of the kernel maps
+    (:func:`infnets._src.ecosystem.batched.batched_spatial_kernel`; blocks of pairs only
+    to fit the memory budget), the work of one ``kernel_fn`` call per set. With a
+    ``batch_shape`` images take one such pass per set of variances: the trailing group
+    axis is fully connected only (convolutions and pooling would read it as a spatial
+    axis), and the layers cannot scale one record's pairs and examples by different
+    groups' variances.
 
     ``W_var`` and ``ScaleKernel``: the readout layer multiplies the kernel by ``W_var``,
     so ``ScaleKernel(InfiniteWidthKernel(...))`` has overlapping parameters. For an

@@ -18,6 +18,12 @@ covariance (``nngp (M, G)``, ``cov1 (N, G)``), and the layer's standard deviatio
 broadcasting against it: ``W_var * nngp + b_var`` is then each group's affine map, and every
 nonlinearity is elementwise over pairs and groups alike. No pair is computed for a group
 it does not belong to.
+
+Images (:func:`batched_spatial_kernel`): convolutions and pooling mix positions, not
+examples, so spatial layers act on each pair of examples independently too, and the same
+packed layout works, with a spatial covariance per pair (``nngp (M, *S)``); its input kernel
+is formed for the named pairs only. The trailing group axis does not carry over (the spatial
+maps would read it as a position axis): images take one pass per set of hyper-parameters.
 """
 
 from __future__ import annotations
