@@ -337,18 +337,116 @@ class _Eval(torch.nn.Module):
         return self.fn(self.kernel)
 
 
-def test_per_batch_variances_images_and_checks():
-    """Images (input_shape) with a batch_shape: each entry with its own variances."""
+def test_per_batch_variances_images_and_checks(kernel_calls):
+    """Images (input_shape) with a batch_shape: each entry with its own variances, one pass
+    per set of variances over all its input sets; gradients as each entry alone."""
     net = stax.serial(stax.Conv(4, (3, 3), W_std=1.2, b_std=0.1, padding="SAME"), stax.Relu(),
                       stax.Flatten(), stax.Dense(1, W_std=1.2, b_std=0.1))  # fmt: skip
     kernel = InfiniteWidthKernel(net, input_shape=(1, 4, 4), batch_shape=torch.Size([2])).to(DT)
     kernel.W_var = torch.tensor([1.0, 2.0], dtype=DT)
-    x = torch.randn(2, 3, 16, dtype=DT)
-    with torch.no_grad():
-        k = kernel(x).to_dense()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 5, 16, generator=g, dtype=DT)  # 3 input sets for each of 2 GPs
+    weights = torch.randn(3, 2, 5, 5, generator=g, dtype=DT)
+    kernel_calls.clear()
+    k = kernel(x).to_dense()
+    assert len(kernel_calls) == 2  # one per set of variances, not one per input set
+    assert k.shape == (3, 2, 5, 5)
+    raw = [kernel.raw_W_var, kernel.raw_b_var]
+    grads = torch.autograd.grad((k * weights).sum(), raw)
+    ref_loss = 0.0
+    for i in range(3):
         for b in range(2):
-            want = kernel.layer(b).kernel_fn(x[b].reshape(3, 1, 4, 4), None, "nngp")
-            torch.testing.assert_close(k[b], want, rtol=1e-12, atol=1e-14)
+            want = kernel.layer(b).kernel_fn(x[i, b].reshape(5, 1, 4, 4), None, "nngp")
+            torch.testing.assert_close(k[i, b], want, rtol=1e-12, atol=1e-14)
+            ref_loss = ref_loss + (want * weights[i, b]).sum()
+    for grad, want in zip(grads, torch.autograd.grad(ref_loss, raw)):
+        assert grad.shape == (2,) and bool(torch.all(grad != 0))
+        torch.testing.assert_close(grad, want, rtol=1e-8, atol=0)
     # (G,) standard deviations are accepted only inside hyper_batch (G)
     with pytest.raises(ValueError, match="must be a scalar"):
         stax.Dense(1, W_std=torch.tensor([1.0, 2.0]))
+
+
+# -------------------------------------------------------------------------- images
+def _image_net(head: str, w: float = 1.3, b: float = 0.2):
+    pool = stax.GlobalAvgPool() if head == "pool" else stax.Flatten()
+    return stax.serial(stax.Conv(3, (3, 3), W_std=w, b_std=b, padding="SAME"), stax.Relu(),
+                       pool, stax.Dense(1, W_std=w, b_std=b))  # fmt: skip
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+@pytest.mark.parametrize("head", ["pool", "flat"])
+def test_image_batches_in_one_pass(head, get, kernel_calls):
+    """Six input sets of images: one kernel evaluation (not one per set), each set's
+    kernel (symmetric, cross, diagonals) and the raw variances' gradients as per set."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 17, 16, generator=g, dtype=DT)  # 17: packed per input set
+    z = torch.randn(3, 5, 16, generator=g, dtype=DT)
+    kernel = InfiniteWidthKernel(_image_net(head), get=get, input_shape=(1, 4, 4)).to(DT)
+    ref = kernel.layer()  # the kernel's stds, differentiable
+
+    def img(t):
+        return t.reshape(-1, 1, 4, 4)
+
+    kernel_calls.clear()
+    k = kernel(x).to_dense()
+    assert len(kernel_calls) == 1  # six input sets, one evaluation
+    kxz = kernel(x, z).to_dense()
+    kd = kernel(x, diag=True)
+    kd2 = kernel(x[..., :5, :], z, diag=True)
+    kd1 = kernel(x[0, 0, :5], z[0], diag=True)  # one set: the 5 pairs (i, i) alone
+    assert len(kernel_calls) == 5
+    assert k.shape == (2, 3, 17, 17) and kxz.shape == (2, 3, 17, 5)
+    assert kd.shape == (2, 3, 17) and kd2.shape == (2, 3, 5) and kd1.shape == (5,)
+    assert torch.equal(k, k.transpose(-1, -2))
+    weights = [torch.randn(2, 3, 17, n, generator=g, dtype=DT) for n in (17, 5)]
+    loss = (k * weights[0]).sum() + (kxz * weights[1]).sum() + kd.sum() + kd2.sum()
+    ref_loss = 0.0
+    for i, j in itertools.product(range(2), range(3)):
+        want = ref.kernel_fn(img(x[i, j]), None, get)
+        cross = ref.kernel_fn(img(x[i, j]), img(z[j]), get)
+        got = (k[i, j], kxz[i, j], kd[i, j], kd2[i, j])
+        for u, v in zip(got, (want, cross, want.diagonal(), cross[:5].diagonal())):
+            torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+        ref_loss = ref_loss + (want * weights[0][i, j]).sum() + (cross * weights[1][i, j]).sum()
+        ref_loss = ref_loss + want.diagonal().sum() + cross[:5].diagonal().sum()
+    cross = ref.kernel_fn(img(x[0, 0, :5]), img(z[0]), get).diagonal()
+    torch.testing.assert_close(kd1, cross, rtol=1e-12, atol=1e-14)
+    raw = [kernel.raw_W_var, kernel.raw_b_var]
+    for i, j in ((0, 0), (1, 2)):  # one set's kernel: its own gradient, as computed alone
+        one = torch.autograd.grad((k[i, j] * weights[0][i, j]).sum(), raw, retain_graph=True)
+        alone = (ref.kernel_fn(img(x[i, j]), None, get) * weights[0][i, j]).sum()
+        for grad, want in zip(one, torch.autograd.grad(alone, raw, retain_graph=True)):
+            torch.testing.assert_close(grad, want, rtol=1e-8, atol=0)
+    grads = torch.autograd.grad(loss, raw)
+    ref_grads = torch.autograd.grad(ref_loss, raw)
+    for grad, want in zip(grads, ref_grads):
+        assert bool(grad != 0)
+        # as in the fully-connected test: the arc-cosine derivatives at correlation ~1 scale
+        # the input kernels' last-bit differences (bmm over pairs vs one matmul) by ~1e7
+        torch.testing.assert_close(grad, want, rtol=1e-8, atol=0)
+
+
+def test_image_batches_blocks_under_a_memory_budget(kernel_calls):
+    """A small budget splits the pairs into blocks across set boundaries: same kernels."""
+    from infnets._src.ecosystem.batched import batched_spatial_kernel
+
+    g = torch.Generator().manual_seed(5)
+    net = _image_net("pool")
+    x = torch.randn(3, 7, 2, 4, 4, generator=g, dtype=DT)
+    z = torch.randn(3, 4, 2, 4, 4, generator=g, dtype=DT)
+    kernel_calls.clear()
+    whole = batched_spatial_kernel(net, x, None, "ntk")
+    assert len(kernel_calls) == 1
+    kernel_calls.clear()
+    # 16 positions, every pixel pair: ~1e4 bytes a pair, blocks of 2 pairs
+    small = batched_spatial_kernel(net, x, None, "ntk", memory_budget=100_000)
+    assert len(kernel_calls) > 3 * 7  # more blocks than sets: set boundaries inside blocks
+    torch.testing.assert_close(small, whole, rtol=1e-13, atol=0)
+    blocks = batched_spatial_kernel(net, x, z, "nngp", memory_budget=300_000)
+    for i in range(3):
+        torch.testing.assert_close(whole[i], net.kernel_fn(x[i], None, "ntk"), rtol=1e-12, atol=0)
+        want = net.kernel_fn(x[i], z[i], "nngp")
+        torch.testing.assert_close(blocks[i], want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="one value per pair"):
+        batched_spatial_kernel(stax.Conv(1, (3, 3)), x, None, "nngp")

@@ -42,7 +42,7 @@ except ImportError as err:  # pragma: no cover - exercised without the extra
     ) from err
 
 from infnets._src.core import inputs
-from infnets._src.ecosystem.batched import batched_kernel
+from infnets._src.ecosystem.batched import batched_kernel, batched_spatial_kernel
 from infnets._src.layers import hyper as lh
 from infnets._src.layers.base import Layer
 
@@ -76,9 +76,14 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
     through one pass: the packed record gets a trailing axis of length ``B`` on which
     the ``(B,)`` standard deviations broadcast (each pair is computed for its own batch
     entry only), so autograd reaches every raw variance through that one pass. Inputs
-    reshaped to images (``input_shape``) are evaluated one input set per kernel call,
-    and with a ``batch_shape`` one set of variances at a time: the trailing axis is
-    fully connected only.
+    reshaped to images (``input_shape``) are batched as well: one packed record of the
+    pairs within each input set, all sets in one pass of the kernel maps
+    (:func:`infnets._src.ecosystem.batched.batched_spatial_kernel`; blocks of pairs only
+    to fit the memory budget), the work of one ``kernel_fn`` call per set. With a
+    ``batch_shape`` images take one such pass per set of variances: the trailing group
+    axis is fully connected only (convolutions and pooling would read it as a spatial
+    axis), and the layers cannot scale one record's pairs and examples by different
+    groups' variances.
 
     ``W_var`` and ``ScaleKernel``: the readout layer multiplies the kernel by ``W_var``,
     so ``ScaleKernel(InfiniteWidthKernel(...))`` has overlapping parameters. For an
@@ -292,8 +297,12 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
         if self.input_shape is None:
             out = self._grouped(a, b, same, diag)
         else:
-            # images: the trailing group axis of batched_kernel's records is fully
-            # connected only; one pass per set of variances (see the class docstring)
+            # images: one pass per set of variances, each over all its input sets at once.
+            # batched_kernel's trailing group axis would be read as a spatial axis by the
+            # convolutions and pooling, and folding the groups into the pair axis would need
+            # every affine layer to scale pairs (nngp/ntk, M entries) and examples (cov1, N
+            # entries) by their own group's variances: the layers take scalar (or trailing
+            # (G,)) standard deviations only (see the class docstring)
             layers = [self.layer(*i) for i in itertools.product(*map(range, self.batch_shape))]
             out = torch.stack([self._batch(lay, a[i], b[i], same, diag)
                                for i, lay in enumerate(layers)])  # fmt: skip
@@ -320,34 +329,33 @@ class InfiniteWidthKernel(gpytorch.kernels.Kernel):
 
     def _batch(self, layer: Layer, a: Tensor, b: Tensor, same: bool, diag: bool) -> Tensor:
         """``(L, N1, N2)`` (or ``(L, N1)``) kernels of ``L`` input sets with shared variances."""
+        if diag and not same and a.shape[-2] != b.shape[-2]:
+            raise RuntimeError("InfiniteWidthKernel: diag=True needs x1 and x2 of equal size.")
         if self.input_shape is None:
-            if diag and not same and a.shape[-2] != b.shape[-2]:
-                raise RuntimeError("InfiniteWidthKernel: diag=True needs x1 and x2 of equal size.")
             return batched_kernel(layer, a, None if same else b, self.get, diag)
-        # images: one kernel_fn call per input set. Not a loop over data points but over
-        # whole problems: batched_kernel's packed record (only the pairs within each set)
-        # is fully connected, and one call on the concatenated sets would compute every
-        # cross-set pixel-pair covariance too, L times the work and memory of these calls.
-        return torch.stack([self._single(layer, a[i], a[i] if same else b[i], diag)
-                            for i in range(a.shape[0])])  # fmt: skip
+        # images: one packed record of the pairs within each set, all sets at once (in
+        # blocks of pairs bounded by memory): the work of one kernel_fn call per set
+        imgs = (self._images(a), None if same else self._images(b))
+        return batched_spatial_kernel(layer, *imgs, self.get, diag)
+
+    def _images(self, x: Tensor) -> Tensor:
+        """``(L, N, D)`` rows to ``(L, N, *input_shape)`` images."""
+        flat = lh.reshape_inputs(
+            x.reshape(-1, x.shape[-1]), self.input_shape, "InfiniteWidthKernel"
+        )
+        return flat.reshape(x.shape[:-1] + flat.shape[1:])
 
     def _single(self, layer: Layer, x1: Tensor, x2: Tensor, diag: bool) -> Tensor:
         same = x1 is x2 or (x1.shape == x2.shape and bool(torch.equal(x1, x2)))
+        if diag and self.input_shape is not None:
+            # k(x1_i, x2_i) of images: the N pairs (i, i) alone, one packed record
+            return self._batch(layer, x1[None], x2[None], same, diag)[0]
         a = lh.reshape_inputs(x1, self.input_shape, "InfiniteWidthKernel")
         if diag:
             if same:
                 return lh.kernel_diag(layer, a, self.get)
-            b = lh.reshape_inputs(x2, self.input_shape, "InfiniteWidthKernel")
-            if a.shape[0] != b.shape[0]:
+            if x1.shape[0] != x2.shape[0]:
                 raise RuntimeError("InfiniteWidthKernel: diag=True needs x1 and x2 of equal size.")
-            # k(x1_i, x2_i) of images: 128 x 128 blocks along the diagonal, whose diagonals
-            # are the wanted values. A chunking loop bounding work and memory to O(N 128)
-            # pairs (the full N x N matrix would be O(N^2)); every row is in one block.
-            step = lh.DIAG_BLOCK
-            parts = [
-                lh.kernel_matrix(layer, a[lo : lo + step], b[lo : lo + step], self.get).diagonal()
-                for lo in range(0, a.shape[0], step)
-            ]
-            return torch.cat(parts)
+            return batched_kernel(layer, x1[None], x2[None], self.get, diag)[0]
         b2 = None if same else lh.reshape_inputs(x2, self.input_shape, "InfiniteWidthKernel")
         return lh.kernel_matrix(layer, a, b2, self.get)

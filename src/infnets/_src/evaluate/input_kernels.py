@@ -32,7 +32,11 @@ def _interleave(a: Sequence[int], b: Sequence[int]) -> list[int]:
 
 
 def spatial_input_kernel(
-    x1: Tensor, x2: Tensor | None, need_ntk: bool, full: bool = True
+    x1: Tensor,
+    x2: Tensor | None,
+    need_ntk: bool,
+    full: bool = True,
+    index: Tensor | None = None,
 ) -> Kernel:
     r"""The kernel of raw convolutional inputs: per-position channel inner products.
 
@@ -47,10 +51,14 @@ def spatial_input_kernel(
         full: keep every pair of positions (interleaved layout
             ``(N1, N2, s_1, s_1', ..., s_d, s_d')``); else only ``p = p'``
             (``(N1, N2, *spatial)``, ``diagonal_spatial=True``).
+        index: with ``x2=None``, an explicit ``(2, M)`` packed ``pair_index``: only these
+            ``M`` pairs of examples of ``x1`` are formed (e.g. the pairs within each of
+            several input sets, :mod:`infnets._src.ecosystem.batched`); ``None`` picks the
+            layout as below.
 
     Returns:
         The input :class:`Kernel`; symmetric problems of at least
-        ``PACK_MIN_EXAMPLES`` examples use the packed pair layout.
+        ``PACK_MIN_EXAMPLES`` examples (or given an ``index``) use the packed pair layout.
 
     Examples:
         >>> k = spatial_input_kernel(torch.ones(2, 3, 4, 4), None, False, full=False)
@@ -66,11 +74,19 @@ def spatial_input_kernel(
     symmetric = x2 is None
     xb = x1 if x2 is None else x2
     n2 = xb.shape[0]
-    index = pack_index(n1, x1.device) if symmetric and n1 >= PACK_MIN_EXAMPLES else None
+    if index is not None:
+        if not symmetric or index.ndim != 2 or index.shape[0] != 2:
+            raise ValueError(
+                "spatial_input_kernel: an explicit index needs x2=None and shape (2, M), got "
+                f"{tuple(index.shape)}{'' if symmetric else ' with x2'}."
+            )
+    explicit = index is not None
+    if index is None and symmetric and n1 >= PACK_MIN_EXAMPLES:
+        index = pack_index(n1, x1.device)
     if c <= SMALL_CHANNELS and not full:
         nngp, cov1, cov2 = _products(x1, xb, index, symmetric, full)
     else:
-        nngp, cov1, cov2 = _matmuls(x1, xb, index, symmetric, full)
+        nngp, cov1, cov2 = _matmuls(x1, xb, index, symmetric, full, pairwise=explicit)
     return Kernel(
         nngp=nngp,
         ntk=zero_ntk(nngp) if need_ntk else None,  # no parameters yet
@@ -137,9 +153,17 @@ def _batch_last(t: Tensor, lead: int) -> Tensor:
 
 
 def _matmuls(
-    x1: Tensor, x2: Tensor, index: Tensor | None, symmetric: bool, full: bool
+    x1: Tensor,
+    x2: Tensor,
+    index: Tensor | None,
+    symmetric: bool,
+    full: bool,
+    pairwise: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Channel sums as (batched) matrix products (many channels)."""
+    """Channel sums as (batched) matrix products (many channels).
+
+    ``pairwise`` (an explicit, possibly sparse ``index``): per-position covariances are
+    formed for the indexed pairs only, ``O(M C P)``, not from all ``N^2`` pairs."""
     n1, c = x1.shape[0], x1.shape[1]
     spatial = tuple(x1.shape[2:])
     p = math.prod(spatial)
@@ -160,6 +184,9 @@ def _matmuls(
             g = a1.transpose(1, 2).reshape(n1 * p, c) @ a2.transpose(1, 2).reshape(n2 * p, c).T
             g = (g / c).reshape(n1, p, n2, p).transpose(1, 2)  # (N1, N2, P, P)
             nngp = _to_pairs(g, 2, spatial)
+    elif pairwise and index is not None:
+        nngp = (a1[index[0]] * a1[index[1]]).sum(1) / c  # (M, P): the indexed pairs only
+        nngp = _batch_last(nngp.reshape((nngp.shape[0],) + spatial), 1)
     else:
         # (P, N1, C) @ (P, C, N2) -> (P, N1, N2): a batched matmul over positions
         g = torch.bmm(a1.permute(2, 0, 1), a2.permute(2, 1, 0)) / c
