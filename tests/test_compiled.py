@@ -250,3 +250,13 @@ def test_a_forked_child_does_not_wait_for_the_parents_compiler(fresh_state) -> N
     assert compiled.pending() == 1  # the parent's queue is untouched
     compiled._QUEUED.clear()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_no_cxx_compiler_means_quietly_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Automatic mode never tries (nor warns) without a C++ compiler; explicit mode tries."""
+    big = torch.zeros(compiled.MIN_ENTRIES, dtype=torch.float64)
+    monkeypatch.setattr(compiled, "_have_cxx", lambda: False)
+    monkeypatch.setenv("INFNETS_COMPILE", "auto")
+    assert not compiled.enabled(big)
+    monkeypatch.setenv("INFNETS_COMPILE", "1")
+    assert compiled.enabled(big) == (not compiled._BROKEN)

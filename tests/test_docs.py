@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,7 +181,7 @@ def test_api_pages_name_public_modules_with_docstrings():
 
 
 @pytest.mark.skipif(
-    shutil.which("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None,
+    importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None,
     reason="mkdocs and mkdocstrings are not installed (pip install mkdocs 'mkdocstrings[python]')",
 )
 def test_mkdocs_site_builds(tmp_path):

@@ -35,7 +35,8 @@ call wait for the compiler):
   by default under the system temporary directory) keep compiled kernels across
   processes: a new process re-compiles a known pattern in ~1 s instead of 5-15 s.
 
-Any compiler failure (e.g. no C++ compiler) disables the path for the process with a
+Without a C++ compiler on the PATH (``$CXX``, else ``g++``/``c++``/``clang++``) the eager
+code runs, quietly; any other compiler failure disables the path for the process with a
 warning, and the eager code runs with the same results. ``INFNETS_COMPILE`` chooses:
 ``auto`` (the default, above), ``0`` (never compile), ``1`` (compile every eligible
 pattern, small ones too, on its second use and *in* the calling thread: the call
@@ -48,8 +49,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import queue
+import shutil
 import threading
 import time
 import types
@@ -118,7 +121,18 @@ def enabled(t: Tensor, per_example: bool = False) -> bool:
     setting = _setting()
     if setting == "0" or _BROKEN or t.device.type != "cpu" or t.requires_grad:
         return False
-    return setting == "1" or t.numel() >= (MIN_PER_EXAMPLE if per_example else MIN_ENTRIES)
+    if setting == "1":
+        return True  # asked for: a failure to compile is reported (once)
+    # automatic: quietly eager where TorchInductor could not build CPU kernels
+    return _have_cxx() and t.numel() >= (MIN_PER_EXAMPLE if per_example else MIN_ENTRIES)
+
+
+@functools.cache
+def _have_cxx() -> bool:
+    """Whether a C++ compiler for TorchInductor's CPU kernels is on the PATH (``$CXX``)."""
+    cxx = os.environ.get("CXX")
+    names = [cxx.split()[0]] if cxx and cxx.split() else ["g++", "c++", "clang++"]
+    return any(shutil.which(name) for name in names)
 
 
 @contextlib.contextmanager
