@@ -182,6 +182,35 @@ def test_inputs_sharing_memory_are_copied() -> None:
         assert torch.equal(got, want) and got.stride() == want.stride()
 
 
+def test_patterns_are_compiled_once_they_have_paid_and_then_their_siblings(
+    monkeypatch: pytest.MonkeyPatch, fresh_state
+) -> None:  # type: ignore[no-untyped-def]
+    """Rent or buy: eager until a pattern has processed MIN_TOTAL entries; then the other
+    patterns of the running computation are queued as they come, and a one-off kernel
+    that never reaches the threshold is never compiled."""
+    monkeypatch.setenv("INFNETS_COMPILE", "auto")
+    monkeypatch.setattr(compiled, "MIN_TOTAL", 100)
+    monkeypatch.setattr(compiled, "_JOBS", __import__("queue").Queue())  # no worker runs
+    monkeypatch.setattr(compiled, "_WORKER", [object()])
+
+    def build():  # type: ignore[no-untyped-def]
+        return lambda t: t
+
+    big, small = torch.zeros(60), torch.zeros(5)
+    with compiled.problem():
+        compiled._call(("a",), build, small)  # 5 entries: a one-off, not queued
+        compiled._call(("b",), build, big)  # 60 < 100
+        assert compiled.pending() == 0
+        compiled._call(("b",), build, big)  # 120 >= 100: paid; the computation is hot
+        assert compiled.pending() == 1
+        compiled._call(("a",), build, small)  # a sibling of the hot computation
+        assert compiled.pending() == 2
+    with compiled.problem():  # a new computation starts cold again
+        compiled._call(("c",), build, small)
+        assert compiled.pending() == 2
+    compiled._QUEUED.clear()
+
+
 def test_compilation_waits_for_the_call_that_queued_it(
     monkeypatch: pytest.MonkeyPatch, fresh_state
 ) -> None:  # type: ignore[no-untyped-def]
@@ -206,7 +235,8 @@ def test_compilation_waits_for_the_call_that_queued_it(
         return fn
 
     t = torch.ones(8, 8, dtype=torch.float64)
-    with compiled.problem(compiled.MIN_TOTAL):  # a large problem: queued on first sight
+    monkeypatch.setattr(compiled, "MIN_TOTAL", 1)  # pays at once
+    with compiled.problem():
         assert compiled._call(("test-defer",), build, t) is None  # eager meanwhile
         assert compiled.pending() == 1
         assert not started.wait(0.5)  # the worker waits for this computation to end
@@ -229,7 +259,8 @@ def test_a_pattern_the_worker_cannot_match_stays_eager_once(
         return lambda t: t + 1.0
 
     t = torch.ones(4, dtype=torch.float64)
-    with compiled.problem(compiled.MIN_TOTAL):
+    monkeypatch.setattr(compiled, "MIN_TOTAL", 1)
+    with compiled.problem():
         assert compiled._call(("test-never",), build, t) is None
     assert compiled.wait(timeout=60)
     for _ in range(3):

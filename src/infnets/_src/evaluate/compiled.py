@@ -21,11 +21,14 @@ Used where it pays and is safe, without flags (like ``jax.jit``, but never makin
 call wait for the compiler):
 
 * **where it pays**: a kernel pattern (the layer's hyper-parameters and the exact
-  shapes, strides and dtypes of its tensors) is compiled when it occurs in a problem of
-  at least :data:`MIN_TOTAL` covariance entries per layer (e.g. 128 pooled 8x8 images:
-  3.4e7), or once smaller problems have passed :data:`MIN_TOTAL` entries through it in
-  this process; CPU tensors of at least :data:`MIN_ENTRIES` entries, without autograd,
-  zero padding only (never the small kernels of a test suite);
+  shapes, strides and dtypes of its tensors) is compiled once its eager evaluations have
+  passed :data:`MIN_TOTAL` covariance entries in this process, i.e. once it has cost
+  about what compiling it costs (the classic rent-or-buy rule: never more than twice the
+  better choice in hindsight). E.g. 128 pooled 8x8 images: from the fifth call; the 1797
+  digits: within the first call; one-off kernels and test suites: never. Once a pattern
+  of the running computations qualifies, their other patterns (edge tiles, per-example
+  covariances) are queued as they come. CPU tensors of at least :data:`MIN_ENTRIES`
+  entries, without autograd, zero padding only;
 * **in the background**: the pattern is queued for one worker thread that compiles it
   once the computation that queued it has ended (or after :data:`DEFER_S` seconds of a
   long one), while later calls go on with the eager code; every call after a compiled
@@ -82,9 +85,10 @@ __all__ = [
 MIN_ENTRIES = 1 << 18
 #: smallest per-example covariance (``cov1``/``cov2`` of a tile) worth a compiled kernel
 MIN_PER_EXAMPLE = 1 << 14
-#: covariance entries a pattern must have processed (eagerly, in this process) before
-#: it is compiled in the background
-MIN_TOTAL = 1 << 25
+#: covariance entries a pattern must have processed eagerly in this process before it is
+#: compiled in the background: ~3 s of eager work (~10 ns per entry and layer), about what
+#: compiling a pattern costs without a warm disk cache
+MIN_TOTAL = 1 << 28
 
 _LOCK = threading.Lock()
 _COMPILING = threading.Lock()
@@ -98,8 +102,9 @@ _BROKEN: list[str] = []
 _QUEUED: set[Any] = set()
 _JOBS: queue.Queue[tuple[Any, Callable[[], Callable[..., Any]], list[Any], int]] = queue.Queue()
 _WORKER: list[threading.Thread] = []
-#: kernel computations running now, computations ended so far, large ones running now
-_CALLS = {"active": 0, "ended": 0, "large": 0}
+#: kernel computations running now, computations ended so far, whether the running ones
+#: are hot (one of their patterns has paid for compilation: all of theirs are queued)
+_CALLS = {"active": 0, "ended": 0, "hot": 0}
 _CALLS_CHANGED = threading.Condition(_LOCK)
 #: seconds a queued pattern waits for the computation that queued it to end before the
 #: background compiler starts on it anyway (a first call is not slowed by the compiler)
@@ -136,25 +141,24 @@ def _have_cxx() -> bool:
 
 
 @contextlib.contextmanager
-def problem(entries: int) -> Iterator[None]:
-    """Mark a kernel computation of ``entries`` covariance entries per layer.
+def problem() -> Iterator[None]:
+    """Mark a running kernel computation.
 
-    Inside a problem of at least :data:`MIN_TOTAL` entries every eligible pattern is
-    queued on first sight (the computation itself pays for it); the background
-    compiler starts on patterns queued by a running computation once it has ended (or
-    after :data:`DEFER_S` seconds), so the compiler does not slow that computation.
+    The background compiler starts on patterns queued by a running computation once it
+    has ended (or after :data:`DEFER_S` seconds), so it does not slow that computation;
+    once any pattern of the running computations has paid for compilation, their other
+    patterns are queued on sight (they recur with it).
     """
-    large = entries >= MIN_TOTAL
     with _LOCK:
         _CALLS["active"] += 1
-        _CALLS["large"] += large
     try:
         yield
     finally:
         with _LOCK:
             _CALLS["active"] -= 1
-            _CALLS["large"] -= large
             _CALLS["ended"] += 1
+            if not _CALLS["active"]:
+                _CALLS["hot"] = 0
             _CALLS_CHANGED.notify_all()
 
 
@@ -347,8 +351,8 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
     torch thread count) gets its own static compilation: tiles repeat a few shapes,
     and static shapes vectorise best. At most :data:`MAX_VARIANTS` patterns are
     compiled per process. In ``auto`` mode a pattern is queued for the background
-    compiler once it has processed :data:`MIN_TOTAL` entries (on first sight inside a
-    large :func:`problem`); with
+    compiler once it has processed :data:`MIN_TOTAL` entries (or the running computations
+    are hot, see :func:`problem`); with
     ``INFNETS_COMPILE=1`` it is compiled here, in the caller, on its second use (one
     compilation at a time: other tile threads go on eagerly meanwhile).
     """
@@ -369,7 +373,9 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
         if background:
             seen = _SEEN.get(full_key, 0) + _covariance_entries(args)
             _SEEN[full_key] = seen
-            if seen >= MIN_TOTAL or _CALLS["large"] > 0:
+            if seen >= MIN_TOTAL:
+                _CALLS["hot"] = 1
+            if _CALLS["hot"]:
                 _enqueue(full_key, build, args)
             return None
         seen = _SEEN.get(full_key, 0)

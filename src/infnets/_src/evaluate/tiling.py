@@ -657,9 +657,8 @@ def _tiled(
     workers = thread_workers(x1, len(tiles) - 1)
     if x1.device.type == "cpu":
         tune_heap()
-    entries = math.prod(x1.shape[2:]) ** (2 if full_in else 1) * n1 * n2
     stack = contextlib.ExitStack()
-    stack.enter_context(compiled.problem(entries // (2 if symmetric else 1)))
+    stack.enter_context(compiled.problem())
     try:
         # with tile threads, every tile (the first too) runs single-threaded torch ops,
         # so compiled kernels (infnets._src.evaluate.compiled) see one setting and compile once
