@@ -291,3 +291,37 @@ def test_no_cxx_compiler_means_quietly_eager(monkeypatch: pytest.MonkeyPatch) ->
     assert not compiled.enabled(big)
     monkeypatch.setenv("INFNETS_COMPILE", "1")
     assert compiled.enabled(big) == (not compiled._BROKEN)
+
+
+def test_exit_waits_for_the_compilation_in_progress(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A process that ends while the background compiler works exits cleanly (status 0).
+
+    Without the exit hook, a daemon thread still in TorchInductor's native code while
+    the interpreter tore down aborted the process (``std::terminate``, status 134) in
+    about half of such exits.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import time, torch\n"
+        "from infnets import stax\n"
+        "from infnets._src.evaluate import compiled\n"
+        "compiled.MIN_TOTAL = compiled.MIN_ENTRIES = compiled.MIN_PER_EXAMPLE = 1\n"
+        "net = stax.serial(stax.Conv(4, (3, 3), padding='SAME'), stax.Relu(),\n"
+        "                  stax.Conv(4, (3, 3), padding='SAME'), stax.Relu(), stax.Flatten())\n"
+        "x = torch.randn(16, 1, 6, 6, dtype=torch.float64)\n"
+        "net.kernel_fn(x, None, 'ntk', batch_size=4, progress=False)\n"
+        "t0 = time.time()\n"
+        "while compiled.pending() and not compiled._CACHE and time.time() - t0 < 120:\n"
+        "    time.sleep(0.05)\n"
+        "print('queued', compiled.pending() + len(compiled._CACHE))\n"
+    )
+    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    env["INFNETS_COMPILE"] = "auto"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "queued" in proc.stdout and "queued 0" not in proc.stdout
+    assert "terminate" not in proc.stderr

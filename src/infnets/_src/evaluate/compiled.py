@@ -50,6 +50,7 @@ waits, as with ``jax.jit``; for tests and for many calls on small problems).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -100,7 +101,11 @@ _CACHE: dict[Any, Callable[..., Any]] = {}
 _SEEN: dict[Any, int] = {}
 _BROKEN: list[str] = []
 _QUEUED: set[Any] = set()
-_JOBS: queue.Queue[tuple[Any, Callable[[], Callable[..., Any]], list[Any], int]] = queue.Queue()
+#: queued compilations ``(pattern, build, argument specs, calls ended when queued)``;
+#: ``None`` stops the worker
+_JOBS: queue.Queue[tuple[Any, Callable[[], Callable[..., Any]], list[Any], int] | None] = (
+    queue.Queue()
+)
 _WORKER: list[threading.Thread] = []
 #: kernel computations running now, computations ended so far, whether the running ones
 #: are hot (one of their patterns has paid for compilation: all of theirs are queued)
@@ -109,6 +114,9 @@ _CALLS_CHANGED = threading.Condition(_LOCK)
 #: seconds a queued pattern waits for the computation that queued it to end before the
 #: background compiler starts on it anyway (a first call is not slowed by the compiler)
 DEFER_S = 5.0
+#: most seconds an exiting interpreter waits for the compilation in progress
+EXIT_WAIT_S = 120.0
+_STOP = threading.Event()
 
 
 def _setting() -> str:
@@ -264,12 +272,15 @@ def _eager(*args: Any) -> None:
 
 
 def _worker() -> None:
-    """Compile queued patterns one after another (a daemon thread)."""
+    """Compile queued patterns one after another (a daemon thread; see :func:`_stop_worker`)."""
     while True:
-        full_key, build, specs, queued_at = _JOBS.get()
+        job = _JOBS.get()
+        if job is None or _STOP.is_set():
+            return
+        full_key, build, specs, queued_at = job
 
         def done(q: int = queued_at) -> bool:
-            return _CALLS["active"] == 0 or _CALLS["ended"] > q
+            return _CALLS["active"] == 0 or _CALLS["ended"] > q or _STOP.is_set()
 
         with _LOCK:  # let the computation that queued it finish first
             _CALLS_CHANGED.wait_for(done, DEFER_S)
@@ -277,7 +288,7 @@ def _worker() -> None:
         try:
             # compiled under the callers' global state (thread count, grad mode), which
             # TorchDynamo guards on; a pattern that cannot match it stays eager
-            if not _BROKEN and full_key not in _CACHE:
+            if not _BROKEN and not _STOP.is_set() and full_key not in _CACHE:
                 if not _openmp_threads(threads):
                     _CACHE[full_key] = _eager  # not queued again
                     continue
@@ -294,15 +305,32 @@ def _worker() -> None:
                 _QUEUED.discard(full_key)
 
 
+def _stop_worker() -> None:
+    """At interpreter exit: let the compilation in progress finish, start no other.
+
+    A daemon thread still inside TorchInductor's native code while the interpreter
+    tears down its native state aborts the process (``std::terminate``); waiting for the
+    one compilation under way (seconds; its result stays in the on-disk cache for the
+    next process) avoids that. Queued patterns are dropped.
+    """
+    _STOP.set()
+    _JOBS.put(None)
+    with _LOCK:
+        _CALLS_CHANGED.notify_all()
+    for thread in _WORKER:
+        if isinstance(thread, threading.Thread):
+            thread.join(EXIT_WAIT_S)
+
+
 def _enqueue(full_key: Any, build: Callable[[], Callable[..., Any]], args: Sequence[Any]) -> None:
     """Queue ``full_key`` for the background compiler (caller holds ``_LOCK``)."""
     _QUEUED.add(full_key)
     _JOBS.put((full_key, build, [_spec(a) for a in args], _CALLS["ended"]))
-    if not _WORKER:
-        # a daemon: a process that ends while a pattern compiles does not wait for it
+    if not _WORKER and not _STOP.is_set():
         thread = threading.Thread(target=_worker, name="infnets-compile", daemon=True)
         thread.start()
         _WORKER.append(thread)
+        atexit.register(_stop_worker)
 
 
 def _unaliased(args: Sequence[Any]) -> tuple[Any, ...]:
@@ -373,9 +401,9 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
         if background:
             seen = _SEEN.get(full_key, 0) + _covariance_entries(args)
             _SEEN[full_key] = seen
-            if seen >= MIN_TOTAL:
-                _CALLS["hot"] = 1
-            if _CALLS["hot"]:
+            if seen >= MIN_TOTAL and _CALLS["active"]:
+                _CALLS["hot"] = 1  # reset when the running computations have ended
+            if seen >= MIN_TOTAL or _CALLS["hot"]:
                 _enqueue(full_key, build, args)
             return None
         seen = _SEEN.get(full_key, 0)
