@@ -186,8 +186,8 @@ def test_patterns_are_compiled_once_they_have_paid_and_then_their_siblings(
     monkeypatch: pytest.MonkeyPatch, fresh_state
 ) -> None:  # type: ignore[no-untyped-def]
     """Rent or buy: eager until a pattern has processed MIN_TOTAL entries; then the other
-    patterns of the running computation are queued as they come, and a one-off kernel
-    that never reaches the threshold is never compiled."""
+    patterns of the running computation (and of the next one) are queued as they come;
+    a computation that touches no qualified pattern leaves the next one cold."""
     monkeypatch.setenv("INFNETS_COMPILE", "auto")
     monkeypatch.setattr(compiled, "MIN_TOTAL", 100)
     monkeypatch.setattr(compiled, "_JOBS", __import__("queue").Queue())  # no worker runs
@@ -205,9 +205,12 @@ def test_patterns_are_compiled_once_they_have_paid_and_then_their_siblings(
         assert compiled.pending() == 1
         compiled._call(("a",), build, small)  # a sibling of the hot computation
         assert compiled.pending() == 2
-    with compiled.problem():  # a new computation starts cold again
+    with compiled.problem():  # follows one that touched a qualified pattern: starts hot
         compiled._call(("c",), build, small)
-        assert compiled.pending() == 2
+        assert compiled.pending() == 3
+    with compiled.problem():  # follows one that touched none: starts cold
+        compiled._call(("d",), build, small)
+        assert compiled.pending() == 3
     compiled._QUEUED.clear()
 
 

@@ -34,6 +34,9 @@ call wait for the compiler):
   long one), while later calls go on with the eager code; every call after a compiled
   kernel is ready uses it. A first call therefore costs what eager costs, never the
   compilation;
+* **at exit**: an interpreter that ends while a pattern compiles waits for that one
+  compilation (at most :data:`EXIT_WAIT_S`; its result stays in the disk cache) and
+  drops the rest of the queue;
 * **cached on disk**: TorchInductor's FX-graph and AOT caches (``TORCHINDUCTOR_CACHE_DIR``,
   by default under the system temporary directory) keep compiled kernels across
   processes: a new process re-compiles a known pattern in ~1 s instead of 5-15 s.
@@ -109,7 +112,7 @@ _JOBS: queue.Queue[tuple[Any, Callable[[], Callable[..., Any]], list[Any], int] 
 _WORKER: list[threading.Thread] = []
 #: kernel computations running now, computations ended so far, whether the running ones
 #: are hot (one of their patterns has paid for compilation: all of theirs are queued)
-_CALLS = {"active": 0, "ended": 0, "hot": 0}
+_CALLS = {"active": 0, "ended": 0, "hot": 0, "touched": 0}
 _CALLS_CHANGED = threading.Condition(_LOCK)
 #: seconds a queued pattern waits for the computation that queued it to end before the
 #: background compiler starts on it anyway (a first call is not slowed by the compiler)
@@ -166,7 +169,9 @@ def problem() -> Iterator[None]:
             _CALLS["active"] -= 1
             _CALLS["ended"] += 1
             if not _CALLS["active"]:
-                _CALLS["hot"] = 0
+                # the next computation starts hot if this one touched qualified patterns
+                # (a loop of repeated calls stays hot), cold otherwise
+                _CALLS["hot"], _CALLS["touched"] = _CALLS["touched"], 0
             _CALLS_CHANGED.notify_all()
 
 
@@ -361,7 +366,7 @@ def _after_fork_in_child() -> None:
     _JOBS = queue.Queue()
     _QUEUED.clear()
     _WORKER.clear()
-    _CALLS.update(active=0, large=0)
+    _CALLS.update(active=0, hot=0, touched=0)
 
 
 if hasattr(os, "register_at_fork"):
@@ -389,6 +394,10 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
     full_key = (key, _signature(args), threads, torch.is_grad_enabled())
     fn = _CACHE.get(full_key)
     if fn is not None:
+        if _CALLS["active"]:
+            # a compiled pattern recurs: the running computation is a repeated one, so
+            # its patterns not compiled yet (seen before it qualified) follow
+            _CALLS["hot"] = _CALLS["touched"] = 1
         try:
             return fn(*args)
         except Exception as err:  # noqa: BLE001
@@ -397,12 +406,14 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
     background = _setting() != "1"
     with _LOCK:
         if full_key in _QUEUED or len(_CACHE) + len(_QUEUED) >= MAX_VARIANTS:
+            if full_key in _QUEUED and _CALLS["active"]:
+                _CALLS["hot"] = _CALLS["touched"] = 1
             return None
         if background:
             seen = _SEEN.get(full_key, 0) + _covariance_entries(args)
             _SEEN[full_key] = seen
             if seen >= MIN_TOTAL and _CALLS["active"]:
-                _CALLS["hot"] = 1  # reset when the running computations have ended
+                _CALLS["hot"] = _CALLS["touched"] = 1
             if seen >= MIN_TOTAL or _CALLS["hot"]:
                 _enqueue(full_key, build, args)
             return None
