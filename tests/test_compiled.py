@@ -104,6 +104,7 @@ def fresh_state(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def
     for name in ("_CACHE", "_SEEN"):
         monkeypatch.setattr(compiled, name, {})
     monkeypatch.setattr(compiled, "_QUEUED", set())
+    monkeypatch.setattr(compiled, "_CALLS", {"active": 0, "ended": 0, "hot": 0, "touched": 0})
     return compiled
 
 
