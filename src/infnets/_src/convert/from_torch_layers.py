@@ -30,7 +30,7 @@ from torch import Tensor
 
 from infnets._src.core.kernel import alloc_like, is_zero_ntk, zero_ntk
 from infnets._src.core.protocol import ShapeTree, single_shape
-from infnets._src.layers.base import Layer, Params
+from infnets._src.layers.base import Layer, Params, Wrapper
 
 __all__ = ["Scale", "Pad", "ChannelAffine", "NoNTK", "PAD_MODES"]
 
@@ -224,7 +224,7 @@ class ChannelAffine(Layer):
         return k.replace(ntk=ntk + 1.0 if self.bias else ntk)
 
 
-class NoNTK(Layer):
+class NoNTK(Wrapper):
     """``layer`` whose NTK is refused (its NNGP passes): see the module docstring.
 
     Args:
@@ -237,17 +237,6 @@ class NoNTK(Layer):
 
     def __repr__(self) -> str:
         return repr(self.layer)
-
-    def init(
-        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
-    ) -> tuple[ShapeTree, Params]:
-        return self.layer.init(gen, in_shape, dtype, device)
-
-    def apply(self, params: Params, x: Any) -> Any:
-        return self.layer.apply(params, x)
-
-    def spatial_requirement(self, out_full: Any) -> Any:
-        return self.layer.spatial_requirement(out_full)
 
     def kernel(self, k: Any) -> Any:
         if k.ntk is not None:

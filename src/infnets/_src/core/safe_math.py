@@ -44,16 +44,20 @@ def _inv_sqrt1m(x: Tensor) -> Tensor:
     return torch.rsqrt(torch.clamp(1 - x * x, min=eps))
 
 
-class _ArcSin(torch.autograd.Function):
-    generate_vmap_rule = True
+class _ElementwiseFn(torch.autograd.Function):
+    """Base of the elementwise functions below: the backward pass needs the input only."""
 
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return torch.asin(x)
+    generate_vmap_rule = True
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
         ctx.save_for_backward(inputs[0])
+
+
+class _ArcSin(_ElementwiseFn):
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.asin(x)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:
@@ -61,16 +65,10 @@ class _ArcSin(torch.autograd.Function):
         return g * _inv_sqrt1m(x)
 
 
-class _Sqrt1m(torch.autograd.Function):
-    generate_vmap_rule = True
-
+class _Sqrt1m(_ElementwiseFn):
     @staticmethod
     def forward(x: Tensor) -> Tensor:
         return torch.sqrt(torch.clamp(1 - x * x, min=0))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:
@@ -78,18 +76,12 @@ class _Sqrt1m(torch.autograd.Function):
         return -g * x * _inv_sqrt1m(x)
 
 
-class _ArccosJ1(torch.autograd.Function):
+class _ArccosJ1(_ElementwiseFn):
     """``sqrt(1 - x^2) + x arcsin(x)``, whose derivative is exactly ``arcsin(x)``."""
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor) -> Tensor:
         return torch.sqrt(torch.clamp(1 - x * x, min=0)) + x * torch.asin(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:

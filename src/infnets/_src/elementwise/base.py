@@ -112,9 +112,7 @@ class ElementwiseLayer(Layer):
             if pre is not None and c is k.nngp:
                 return pre[0]
             if pre is not None and compiled.enabled(c, per_example=True):  # cov1 / cov2
-                f1 = self.pair_factors(q1)[0]  # type: ignore[attr-defined]
-                f2 = self.pair_factors(q2)[1]  # type: ignore[attr-defined]
-                done = compiled.pair_map(self, c, f1, f2, None)
+                done = self._compiled_map(c, q1, q2, None)
                 if done is not None:
                     return done[0]
             # the pair covariance comes first (Kernel.map_covariances); only it needs the
@@ -148,10 +146,15 @@ class ElementwiseLayer(Layer):
             return None
         if sm.needs_grad(k.nngp, k.ntk, k.cov1, k.cov2):
             return None
-        var1, var2 = k.pair_variances()
-        f1 = self.pair_factors(var1)[0]  # type: ignore[attr-defined]
-        f2 = self.pair_factors(var2)[1]  # type: ignore[attr-defined]
-        return compiled.pair_map(self, k.nngp, f1, f2, k.ntk)
+        return self._compiled_map(k.nngp, *k.pair_variances(), k.ntk)
+
+    def _compiled_map(
+        self, c: Tensor, q1: Tensor, q2: Tensor, ntk: Tensor | None
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """``compiled.pair_map`` of covariances ``c`` with the members' variances ``q1, q2``."""
+        f1 = self.pair_factors(q1)[0]  # type: ignore[attr-defined]
+        f2 = self.pair_factors(q2)[1]  # type: ignore[attr-defined]
+        return compiled.pair_map(self, c, f1, f2, ntk)
 
 
 def sqrt_one_minus_square(rho: Tensor) -> Tensor:

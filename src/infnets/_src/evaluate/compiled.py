@@ -110,8 +110,9 @@ _JOBS: queue.Queue[tuple[Any, Callable[[], Callable[..., Any]], list[Any], int] 
     queue.Queue()
 )
 _WORKER: list[threading.Thread] = []
-#: kernel computations running now, computations ended so far, whether the running ones
-#: are hot (one of their patterns has paid for compilation: all of theirs are queued)
+#: kernel computations running now and ended so far; ``hot``: the running ones queue every
+#: pattern on sight; ``touched``: they met a pattern that has paid for compilation (the
+#: next computation then starts hot, see :func:`problem`)
 _CALLS = {"active": 0, "ended": 0, "hot": 0, "touched": 0}
 _CALLS_CHANGED = threading.Condition(_LOCK)
 #: seconds a queued pattern waits for the computation that queued it to end before the
@@ -373,6 +374,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _touch() -> None:
+    """The running computations met a pattern that has paid for compilation: the rest of
+    their patterns (seen before it qualified, or edge tiles) follow it."""
+    if _CALLS["active"]:
+        _CALLS["hot"] = _CALLS["touched"] = 1
+
+
 def _covariance_entries(args: Sequence[Any]) -> int:
     return max((a.numel() for a in args if isinstance(a, Tensor)), default=0)
 
@@ -394,10 +402,7 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
     full_key = (key, _signature(args), threads, torch.is_grad_enabled())
     fn = _CACHE.get(full_key)
     if fn is not None:
-        if _CALLS["active"]:
-            # a compiled pattern recurs: the running computation is a repeated one, so
-            # its patterns not compiled yet (seen before it qualified) follow
-            _CALLS["hot"] = _CALLS["touched"] = 1
+        _touch()  # a compiled pattern recurs: its computation is a repeated one
         try:
             return fn(*args)
         except Exception as err:  # noqa: BLE001
@@ -405,15 +410,16 @@ def _call(key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any:
             return None
     background = _setting() != "1"
     with _LOCK:
-        if full_key in _QUEUED or len(_CACHE) + len(_QUEUED) >= MAX_VARIANTS:
-            if full_key in _QUEUED and _CALLS["active"]:
-                _CALLS["hot"] = _CALLS["touched"] = 1
+        if full_key in _QUEUED:
+            _touch()
+            return None
+        if len(_CACHE) + len(_QUEUED) >= MAX_VARIANTS:
             return None
         if background:
             seen = _SEEN.get(full_key, 0) + _covariance_entries(args)
             _SEEN[full_key] = seen
-            if seen >= MIN_TOTAL and _CALLS["active"]:
-                _CALLS["hot"] = _CALLS["touched"] = 1
+            if seen >= MIN_TOTAL:
+                _touch()
             if seen >= MIN_TOTAL or _CALLS["hot"]:
                 _enqueue(full_key, build, args)
             return None

@@ -281,6 +281,27 @@ def _freeze(layer: Layer, template: Params, module: Any) -> None:
             _freeze(kid, sub, child)
 
 
+class Wrapper(Layer):
+    """A layer around one other layer, ``self.layer``, whose finite twin it keeps.
+
+    Subclasses change the kernel (e.g. :class:`~infnets._src.layers.frozen.Frozen`);
+    parameters, the forward pass and the spatial layout are the wrapped layer's.
+    """
+
+    layer: Layer
+
+    def init(
+        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
+    ) -> tuple[ShapeTree, Params]:
+        return self.layer.init(gen, in_shape, dtype, device)
+
+    def apply(self, params: Params, x: Any) -> Any:
+        return self.layer.apply(params, x)
+
+    def spatial_requirement(self, out_full: Any) -> Any:
+        return self.layer.spatial_requirement(out_full)
+
+
 class StaxModule(nn.Module):
     """A finite infnets network as a ``torch.nn.Module``.
 

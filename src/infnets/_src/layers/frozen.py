@@ -22,11 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-import torch
-
 from infnets._src.core.kernel import Kernel, is_zero_ntk, zero_ntk
-from infnets._src.core.protocol import KernelTree, Params, ShapeTree
-from infnets._src.layers.base import Layer, as_layer_list
+from infnets._src.core.protocol import KernelTree
+from infnets._src.layers.base import Layer, Wrapper, as_layer_list
 
 __all__ = ["Frozen"]
 
@@ -62,7 +60,7 @@ def _zero_out(k: KernelTree) -> KernelTree:
     return _each(k, lambda kk: kk.replace(ntk=zero_ntk(kk.nngp)))
 
 
-class Frozen(Layer):
+class Frozen(Wrapper):
     r"""``layer`` with its parameters not trained: same NNGP, NTK without their gradients.
 
     Kernels (module docstring): the NNGP is ``layer``'s; the NTK is
@@ -102,19 +100,7 @@ class Frozen(Layer):
     def extra_records(self) -> int:
         return sum(leaf.extra_records() for leaf in _leaves(self.layer)) + 1
 
-    # ----------------------------------------------------------------- finite
-    def init(
-        self, gen: torch.Generator, in_shape: ShapeTree, dtype: torch.dtype, device: torch.device
-    ) -> tuple[ShapeTree, Params]:
-        return self.layer.init(gen, in_shape, dtype, device)
-
-    def apply(self, params: Params, x: Any) -> Any:
-        return self.layer.apply(params, x)
-
     # --------------------------------------------------------------- infinite
-    def spatial_requirement(self, out_full: Any) -> Any:
-        return self.layer.spatial_requirement(out_full)
-
     def kernel(self, k: KernelTree) -> KernelTree:
         return self._frozen(k, self.layer.kernel)
 
